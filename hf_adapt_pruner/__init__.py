@@ -1,0 +1,34 @@
+"""hf_adapt_pruner: Adapt-Pruner (arXiv 2502.03460) for Hugging Face transformers."""
+
+from .allocation import LayerGeometry
+from .architectures import ArchitectureSpec, get_architecture, register_architecture, supported_model_types
+from .config import PrunerConfig
+from .data import CalibrationPool, token_blocks
+from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
+from .pruner import AdaptivePruner, count_parameters, current_layout, prune_model
+from .report import LayerReport, PruneReport
+from .scorers import CalibrationScorer, StaticScorer
+from .version import __version__
+
+__all__ = [
+    "LAYOUT_KEY",
+    "AdaptivePruner",
+    "ArchitectureSpec",
+    "CalibrationPool",
+    "CalibrationScorer",
+    "LayerGeometry",
+    "LayerReport",
+    "LayerWidths",
+    "PruneReport",
+    "PrunedLayout",
+    "PrunerConfig",
+    "StaticScorer",
+    "__version__",
+    "count_parameters",
+    "current_layout",
+    "get_architecture",
+    "prune_model",
+    "register_architecture",
+    "supported_model_types",
+    "token_blocks",
+]

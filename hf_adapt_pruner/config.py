@@ -1,0 +1,242 @@
+"""`PrunerConfig`: every knob of Adapt-Pruner in one validated, JSON-serialisable dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers.utils import logging
+
+from .version import __version__
+
+logger = logging.get_logger(__name__)
+
+LAYER_IMPORTANCE_METRICS = ("cosine", "euclidean", "manhattan")
+GROUP_IMPORTANCE_METRICS = ("taylor", "magnitude", "random")
+ATTENTION_UNITS = ("kv_group", "query_head")
+DATA_SPLITS = ("linear", "constant", "cosine")
+IMPORTANCE_SOURCES = ("training", "calibration")
+PRUNING_MODES = ("auto", "physical", "mask")
+
+
+@dataclass
+class PrunerConfig:
+    """Configuration of Adapt-Pruner (arXiv 2502.03460).
+
+    Args:
+        target_ratio (`float`, *optional*):
+            Fraction of the model's parameters to keep, in (0, 1]. Exactly one of `target_ratio` and
+            `target_params` must be set.
+        target_params (`int`, *optional*):
+            Absolute number of parameters to keep (embeddings, norms and `lm_head` included).
+        layer_importance (`str`, defaults to `"cosine"`):
+            How a decoder layer's importance is measured from its input `x` and output `y` hidden states:
+            `cosine` (importance = -cos(x, y)), `euclidean` (||x - y||_2) or `manhattan` (||x - y||_1).
+        amplitude (`float`, defaults to `0.02`):
+            The paper's `A`: how strongly layer importance skews the per-layer sparsity. `0` gives the uniform
+            (LLM-Pruner-style) baseline.
+        group_importance (`str`, defaults to `"taylor"`):
+            Score of a head or an MLP channel: `taylor` (sum of |w * dL/dw| over the group), `magnitude`
+            (sum of |w|) or `random`.
+        ...
+
+    The per-layer schedule, as a worked example. Pruning a 30-layer model from 134.5 M to 94.2 M parameters
+    (`target_ratio=0.7`) with `inner_steps=10`: 106.2 M of the parameters sit in decoder layers (prunable), so
+    the layers must reach an average sparsity of 40.3 M / 106.2 M = 0.38. At each inner step the remaining gap is
+    split evenly over the remaining steps (step 1: 0.038), and layer `i` moves by `0.038 - A * I_i`, where `I_i`
+    in [-1, 1] is its centred, scaled importance: with `A = 0.02`, the most important layer (`I = 1`) gains
+    0.018, the least important (`I = -1`) 0.058. Widths follow the sparsities (attention in whole heads, MLP in
+    multiples of `round_to`) and the last step is solved so that the final count lands on the target.
+    """
+
+    # --- target -------------------------------------------------------------------------------------------------
+    target_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of all parameters to keep, in (0, 1]. Use this or target_params."}
+    )
+    target_params: int | None = field(
+        default=None, metadata={"help": "Absolute parameter count to keep. Use this or target_ratio."}
+    )
+    target_tolerance: float = field(
+        default=0.005,
+        metadata={"help": "Accepted relative distance of the final parameter count from the target (0.005 = 0.5 %)."},
+    )
+    # --- importance ---------------------------------------------------------------------------------------------
+    layer_importance: str = field(
+        default="cosine",
+        metadata={"help": "Layer importance from input/output hidden states: cosine, euclidean or manhattan."},
+    )
+    amplitude: float = field(
+        default=0.02,
+        metadata={
+            "help": "Adapt-Pruner amplitude A: per-step sparsity of layer i moves by delta - A * I_i. 0 = uniform."
+        },
+    )
+    group_importance: str = field(
+        default="taylor",
+        metadata={
+            "help": "Score of a head / channel group: taylor (|w*grad| summed), magnitude (|w| summed), random."
+        },
+    )
+    # --- what is pruned -----------------------------------------------------------------------------------------
+    prune_attention: bool = field(default=True, metadata={"help": "Remove whole attention heads."})
+    prune_mlp: bool = field(default=True, metadata={"help": "Remove MLP intermediate channels."})
+    attention_unit: str = field(
+        default="kv_group",
+        metadata={
+            "help": "Unit of head removal under GQA: kv_group (a key/value head with the query heads that share it, "
+            "as in the paper's code; shrinks the KV cache) or query_head (one query head from every kv group)."
+        },
+    )
+    min_heads: int = field(default=1, metadata={"help": "Minimum query heads kept in every layer."})
+    min_kv_heads: int = field(default=1, metadata={"help": "Minimum key/value heads kept in every layer."})
+    min_intermediate_size: int = field(default=8, metadata={"help": "Minimum MLP channels kept in every layer."})
+    round_to: int = field(
+        default=8, metadata={"help": "Kept MLP channels are a multiple of this (when the layer width allows)."}
+    )
+    max_layer_sparsity: float = field(
+        default=0.99, metadata={"help": "Upper clamp of a layer's sparsity (paper: 0.99); the floors apply too."}
+    )
+    # --- the pruning loop ---------------------------------------------------------------------------------------
+    inner_steps: int = field(
+        default=50,
+        metadata={"help": "Inner iterations per prune event (paper: 50); importances are re-measured at each one."},
+    )
+    calibration_samples: int = field(
+        default=32, metadata={"help": "Calibration sequences used per inner step (resampled from the pool)."}
+    )
+    calibration_seq_len: int = field(default=128, metadata={"help": "Tokens per calibration sequence."})
+    calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and random importance."})
+    # --- incremental pruning during training (AdaptPrunerCallback) ----------------------------------------------
+    num_stages: int = field(
+        default=1, metadata={"help": "Prune events in Adapt-Accel (paper: 5-20, about 5 % of parameters each)."}
+    )
+    data_split: str = field(
+        default="linear",
+        metadata={
+            "help": "How training steps are split across stages: linear (stage k gets a share ~ k), constant, cosine."
+        },
+    )
+    recovery_fraction: float = field(
+        default=0.1, metadata={"help": "Share of training steps kept after the last prune event, in [0, 1)."}
+    )
+    importance_source: str = field(
+        default="training",
+        metadata={
+            "help": "training: scores from the Trainer's own gradients; calibration: a pass over calibration data."
+        },
+    )
+    importance_window: int = field(
+        default=8,
+        metadata={"help": "Optimizer steps before a prune event over which training-based scores accumulate."},
+    )
+    mode: str = field(
+        default="auto",
+        metadata={"help": "auto, physical (slice weights) or mask (zero them, slice at save; for sharded engines)."},
+    )
+    library_version: str = field(default=__version__, metadata={"help": "hf_adapt_pruner version that wrote this."})
+
+    def __post_init__(self) -> None:
+        self._validate_target()
+        _check_choice("layer_importance", self.layer_importance, LAYER_IMPORTANCE_METRICS)
+        _check_choice("group_importance", self.group_importance, GROUP_IMPORTANCE_METRICS)
+        _check_choice("attention_unit", self.attention_unit, ATTENTION_UNITS)
+        _check_choice("data_split", self.data_split, DATA_SPLITS)
+        _check_choice("importance_source", self.importance_source, IMPORTANCE_SOURCES)
+        _check_choice("mode", self.mode, PRUNING_MODES)
+        if not 0.0 <= self.amplitude <= 1.0:
+            raise ValueError(
+                f"amplitude={self.amplitude!r} is out of range: use a value in [0, 1] (paper: 0.02; 0 = uniform)."
+            )
+        if not 0.0 < self.target_tolerance < 0.5:
+            raise ValueError(f"target_tolerance={self.target_tolerance!r}: use a fraction in (0, 0.5), e.g. 0.005.")
+        if not 0.0 < self.max_layer_sparsity < 1.0:
+            raise ValueError(f"max_layer_sparsity={self.max_layer_sparsity!r}: use a value in (0, 1), e.g. 0.99.")
+        if not 0.0 <= self.recovery_fraction < 1.0:
+            raise ValueError(f"recovery_fraction={self.recovery_fraction!r}: use a value in [0, 1), e.g. 0.1.")
+        for name in (
+            "min_heads",
+            "min_kv_heads",
+            "min_intermediate_size",
+            "round_to",
+            "inner_steps",
+            "calibration_samples",
+            "calibration_seq_len",
+            "calibration_batch_size",
+            "num_stages",
+            "importance_window",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer (>= 1).")
+        if not self.prune_attention and not self.prune_mlp:
+            raise ValueError(
+                "prune_attention=False and prune_mlp=False leaves nothing to prune: enable at least one of them."
+            )
+
+    def _validate_target(self) -> None:
+        if (self.target_ratio is None) == (self.target_params is None):
+            raise ValueError(
+                f"Set exactly one of target_ratio and target_params (got target_ratio={self.target_ratio!r}, "
+                f"target_params={self.target_params!r}), e.g. PrunerConfig(target_ratio=0.7)."
+            )
+        if self.target_ratio is not None and not (
+            isinstance(self.target_ratio, (int, float)) and 0.0 < self.target_ratio <= 1.0
+        ):
+            raise ValueError(
+                f"target_ratio={self.target_ratio!r} is the fraction of parameters to KEEP: use a value in (0, 1], "
+                "e.g. 0.7 to remove 30 %."
+            )
+        if self.target_params is not None and (
+            isinstance(self.target_params, bool) or not isinstance(self.target_params, int) or self.target_params < 1
+        ):
+            raise ValueError(f"target_params={self.target_params!r} must be a positive integer parameter count.")
+
+    def resolve_target(self, num_parameters: int) -> int:
+        """The parameter count to reach, for a model that had `num_parameters` when pruning started."""
+        if self.target_params is not None:
+            return self.target_params
+        return round(num_parameters * self.target_ratio)
+
+    # --- serialisation ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrunerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning(f"PrunerConfig: ignoring unknown keys {unknown} (written by another version?).")
+        kwargs = {k: v for k, v in data.items() if k in known and k != "library_version"}
+        return cls(**kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, PRUNER_CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> PrunerConfig:
+        path = os.path.join(directory, PRUNER_CONFIG_NAME)
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+PRUNER_CONFIG_NAME = "pruner_config.json"
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(choices)}.")
+
+
+def field_help() -> dict[str, str]:
+    """`{field: help}` for every PrunerConfig field (used by the CLI)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(PrunerConfig)}

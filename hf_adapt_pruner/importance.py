@@ -1,0 +1,179 @@
+"""Importance: of decoder layers (input/output similarity) and of structural groups (heads, MLP channels).
+
+Layer importance comes from forward hooks on the decoder layers; group importance from the weights and, for
+Taylor, the gradients already sitting in `.grad`. Nothing here runs the model: callers do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures import LayerModules
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer importance
+# ---------------------------------------------------------------------------------------------------------------
+def _hidden_from_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_from_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class LayerSimilarityCollector:
+    """Forward hooks that accumulate, per decoder layer, how much the layer moves its input.
+
+    Per token it records `cos(x, y)` (metric `cosine`), `||x - y||_2` (`euclidean`) or `||x - y||_1`
+    (`manhattan`), where `x`, `y` are the layer's input and output hidden states. `importance()` turns the
+    token means into "bigger = more important": `-cos` for cosine, the distance itself for the others (the
+    official code negates distances too, which ranks layers backwards; see paper-notes section 6).
+
+    Use as a context manager; hooks exist only inside it. Set `token_mask` (B, T) before a forward to skip padding.
+    Forward passes that run without autograd recording for a gradient-checkpointing recompute are not double
+    counted because checkpointing recomputes under `torch.enable_grad()` *inside* backward, where
+    `torch._C._current_graph_task_id() != -1`.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], metric: str):
+        self.layers = list(layers)
+        self.metric = metric
+        self.sums = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.counts = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.token_mask: torch.Tensor | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> LayerSimilarityCollector:
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(self._make_hook(index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            if torch._C._current_graph_task_id() != -1:  # recompute inside backward (gradient checkpointing)
+                return
+            with torch.no_grad():
+                x = _hidden_from_input(args, kwargs).float()  # (B, T, H)
+                y = _hidden_from_output(output).float()
+                per_token = self._per_token(x, y)  # (B, T)
+                if self.token_mask is not None and self.token_mask.shape == per_token.shape:
+                    mask = self.token_mask.to(per_token.device, per_token.dtype)
+                    self.sums[index] += float((per_token * mask).sum())
+                    self.counts[index] += float(mask.sum())
+                else:
+                    self.sums[index] += float(per_token.sum())
+                    self.counts[index] += per_token.numel()
+
+        return hook
+
+    def _per_token(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.metric == "cosine":
+            return torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-8)
+        if self.metric == "euclidean":
+            return (x - y).norm(p=2, dim=-1)
+        return (x - y).abs().sum(dim=-1)
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.counts.zero_()
+
+    def importance(self) -> torch.Tensor:
+        """(L,) raw importances, bigger = the layer transforms its input more."""
+        if bool((self.counts == 0).any()):
+            missing = (self.counts == 0).nonzero().flatten().tolist()
+            raise RuntimeError(
+                f"No tokens were seen by decoder layers {missing}: run a forward pass inside the collector."
+            )
+        mean = self.sums / self.counts
+        return -mean if self.metric == "cosine" else mean
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Group importance
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class GroupScores:
+    """Scores of one layer's groups: bigger = more important."""
+
+    q_heads: torch.Tensor  # (num_attention_heads,)
+    kv_heads: torch.Tensor  # (num_key_value_heads,)
+    channels: torch.Tensor  # (intermediate_size,)
+
+    def __add__(self, other: GroupScores) -> GroupScores:
+        return GroupScores(
+            self.q_heads + other.q_heads, self.kv_heads + other.kv_heads, self.channels + other.channels
+        )
+
+    def select(self, keep_q: torch.Tensor, keep_kv: torch.Tensor, keep_channels: torch.Tensor) -> GroupScores:
+        return GroupScores(self.q_heads[keep_q], self.kv_heads[keep_kv], self.channels[keep_channels])
+
+
+def _elementwise(linear: nn.Linear, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-element saliency of a linear layer's weight and bias, in float32."""
+
+    def saliency(param: torch.Tensor) -> torch.Tensor:
+        w = param.detach().float()
+        if metric == "magnitude":
+            return w.abs()
+        if param.grad is None:
+            raise RuntimeError(
+                "Taylor importance needs gradients: run a backward pass of the LM loss before scoring "
+                "(prune_model does this on the calibration data)."
+            )
+        return (w * param.grad.detach().float()).abs()
+
+    bias = saliency(linear.bias) if linear.bias is not None else None
+    return saliency(linear.weight), bias
+
+
+def _row_sums(linear: nn.Linear, metric: str) -> torch.Tensor:
+    weight, bias = _elementwise(linear, metric)
+    rows = weight.sum(dim=1)  # (out,)
+    return rows + bias if bias is not None else rows
+
+
+def _column_sums(linear: nn.Linear, metric: str) -> torch.Tensor:
+    weight, _ = _elementwise(linear, metric)  # the output bias belongs to no group
+    return weight.sum(dim=0)  # (in,)
+
+
+def group_scores(
+    modules: LayerModules, head_dim: int, metric: str, generator: torch.Generator | None = None
+) -> GroupScores:
+    """Score every query head, kv head and MLP channel of one layer.
+
+    A query head couples `head_dim` rows of q_proj with `head_dim` columns of o_proj; a kv head couples
+    `head_dim` rows of k_proj and of v_proj; an MLP channel couples a row of gate_proj and of up_proj with a
+    column of down_proj. `taylor` sums |w * grad| and `magnitude` sums |w| over every weight of the group.
+    """
+    heads = modules.q_proj.out_features // head_dim
+    kv_heads = modules.k_proj.out_features // head_dim
+    channels = modules.gate_proj.out_features
+    if metric == "random":
+        return GroupScores(
+            torch.rand(heads, generator=generator, dtype=torch.float64),
+            torch.rand(kv_heads, generator=generator, dtype=torch.float64),
+            torch.rand(channels, generator=generator, dtype=torch.float64),
+        )
+    q = _row_sums(modules.q_proj, metric) + _column_sums(modules.o_proj, metric)  # (heads * head_dim,)
+    kv = _row_sums(modules.k_proj, metric) + _row_sums(modules.v_proj, metric)  # (kv_heads * head_dim,)
+    mlp = (
+        _row_sums(modules.gate_proj, metric)
+        + _row_sums(modules.up_proj, metric)
+        + _column_sums(modules.down_proj, metric)
+    )
+    return GroupScores(
+        q.view(heads, head_dim).sum(dim=1).double().cpu(),
+        kv.view(kv_heads, head_dim).sum(dim=1).double().cpu(),
+        mlp.double().cpu(),
+    )

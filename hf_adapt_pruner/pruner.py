@@ -1,0 +1,281 @@
+"""The engine: `AdaptivePruner` runs prune events; `prune_model()` is one-shot pruning on calibration data."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .allocation import (
+    LayerGeometry,
+    allocation_step,
+    check_reachable,
+    model_params,
+    normalize_importance,
+    select_heads,
+    select_top,
+)
+from .architectures import LayerModules, get_architecture, layer_modules
+from .config import PrunerConfig
+from .data import CalibrationData, CalibrationPool
+from .importance import GroupScores
+from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
+from .report import LayerReport, PruneReport
+from .scorers import CalibrationScorer
+from .surgery import prune_layer_
+
+logger = logging.get_logger(__name__)
+
+
+class Scorer(Protocol):
+    def __call__(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]: ...
+
+    def update(self, layer: int, keep_q: torch.Tensor, keep_kv: torch.Tensor, keep_channels: torch.Tensor) -> None: ...
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of `model`, each shared tensor (tied embeddings) counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def current_layout(model: nn.Module) -> PrunedLayout:
+    """The model's layout: read from its config after a prune event, else built from its uniform config."""
+    config = model.config
+    stored = getattr(config, LAYOUT_KEY, None)
+    if stored is not None:
+        return PrunedLayout.from_dict(stored, num_layers=config.num_hidden_layers)
+    spec = get_architecture(config.model_type)
+    layers = layer_modules(model, spec)
+    head_dim = int(layers[0].attention.head_dim)
+    widths = [
+        (lm.q_proj.out_features // head_dim, lm.k_proj.out_features // head_dim, lm.gate_proj.out_features)
+        for lm in layers
+    ]
+    base = {
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "intermediate_size": config.intermediate_size,
+        "num_parameters": count_parameters(model),
+    }
+    return PrunedLayout(
+        head_dim=head_dim,
+        num_attention_heads=[w[0] for w in widths],
+        num_key_value_heads=[w[1] for w in widths],
+        intermediate_size=[w[2] for w in widths],
+        base=base,
+        sparsity=[0.0] * len(layers),
+    )
+
+
+class AdaptivePruner:
+    """Runs Adapt-Pruner prune events on a live model (one-shot, from a Trainer callback or a custom loop).
+
+    Example:
+        ```python
+        pruner = AdaptivePruner(model, PrunerConfig(target_ratio=0.7))
+        scorer = CalibrationScorer(model, CalibrationPool(blocks, 32, 8, seed=0), "cosine", "taylor", seed=0)
+        report = pruner.prune_to(pruner.final_target(), scorer)
+        ```
+    """
+
+    def __init__(self, model: nn.Module, config: PrunerConfig):
+        self.model = model
+        self.config = config
+        self.spec = get_architecture(model.config.model_type)
+        self.layers = layer_modules(model, self.spec)
+        self.layout = current_layout(model)
+        self.head_dim = self.layout.head_dim
+        self.sparsity = torch.tensor(self.layout.sparsity or [0.0] * len(self.layers), dtype=torch.float64)
+        self.geometries = [self._geometry(lm) for lm in self.layers]
+        self._check_layout_matches_modules()
+
+    # --- bookkeeping --------------------------------------------------------------------------------------------
+    def _geometry(self, lm: LayerModules) -> LayerGeometry:
+        d, base = self.head_dim, self.layout.base
+
+        def with_bias(linear: nn.Linear) -> int:
+            return linear.in_features + (linear.bias is not None)
+
+        return LayerGeometry(
+            base=LayerWidths(base["num_attention_heads"], base["num_key_value_heads"], base["intermediate_size"]),
+            q_head_cost=d * (with_bias(lm.q_proj) + lm.o_proj.out_features),
+            kv_head_cost=d * (with_bias(lm.k_proj) + with_bias(lm.v_proj)),
+            channel_cost=with_bias(lm.gate_proj) + with_bias(lm.up_proj) + lm.down_proj.out_features,
+        )
+
+    def _check_layout_matches_modules(self) -> None:
+        for lm in self.layers:
+            actual = (
+                lm.q_proj.out_features // self.head_dim,
+                lm.k_proj.out_features // self.head_dim,
+                lm.gate_proj.out_features,
+            )
+            if actual != self.layout.layer(lm.index).as_tuple():
+                raise ValueError(
+                    f"layer {lm.index}: the modules have (heads, kv heads, intermediate) = {actual} but "
+                    f"config.{LAYOUT_KEY} says {self.layout.layer(lm.index).as_tuple()}; the config does not "
+                    "describe these weights."
+                )
+
+    def widths(self) -> list[LayerWidths]:
+        return [self.layout.layer(i) for i in range(len(self.layers))]
+
+    def num_parameters(self) -> int:
+        return count_parameters(self.model)
+
+    def final_target(self) -> int:
+        """The config's target; `target_ratio` is relative to the original (unpruned) model's parameter count."""
+        return self.config.resolve_target(self.layout.base["num_parameters"])
+
+    def check_target(self, target_params: int) -> None:
+        """Refuse an unreachable target before any weight changes."""
+        fixed = self.num_parameters() - model_params(self.geometries, self.widths(), 0)
+        check_reachable(self.geometries, self.widths(), target_params, fixed, self.config)
+
+    # --- a prune event ------------------------------------------------------------------------------------------
+    def prune_to(
+        self,
+        target_params: int,
+        scorer: Scorer,
+        optimizer: torch.optim.Optimizer | None = None,
+        progress: bool = True,
+    ) -> PruneReport:
+        """Remove heads and channels until the model has at most `target_params` parameters."""
+        start = time.perf_counter()
+        self.check_target(target_params)
+        before = self.widths()
+        params_before = self.num_parameters()
+        fixed = params_before - model_params(self.geometries, before, 0)
+        prunable_base = sum(g.prunable_base(self.config) for g in self.geometries)
+        kept = [[torch.arange(w) for w in lw.as_tuple()] for lw in before]  # per layer: q, kv, channel indices
+        importance = torch.zeros(len(self.layers), dtype=torch.float64)
+        steps = self.config.inner_steps
+        params = params_before
+        step = 0
+        bar = tqdm(total=steps, desc="prune", disable=not progress or params <= target_params)
+        while params > target_params and step < steps:
+            raw, scores = scorer(self.layers, self.head_dim)
+            importance = normalize_importance(raw)
+            delta = (params - target_params) / prunable_base / (steps - step)
+            result = allocation_step(
+                self.geometries, self.widths(), self.sparsity, importance, delta, target_params, fixed,
+                self.config, final=step == steps - 1,
+            )  # fmt: skip
+            for i, (old, new) in enumerate(zip(self.widths(), result.widths)):
+                if old != new:
+                    self._apply(i, new, scores[i], scorer, kept[i], optimizer)
+            self.sparsity = result.sparsity
+            params = self.num_parameters()
+            if params != result.num_parameters:
+                raise RuntimeError(f"parameter count {params} differs from the plan's {result.num_parameters}")
+            step += 1
+            bar.update(1)
+            bar.set_postfix(params=f"{params / 1e6:.2f}M")
+        bar.close()
+        self._record_event(before, kept, params)
+        report = self._report(before, params_before, target_params, importance, step, time.perf_counter() - start)
+        self._check_tolerance(report)
+        return report
+
+    def _apply(
+        self,
+        index: int,
+        widths: LayerWidths,
+        scores: GroupScores,
+        scorer: Scorer,
+        kept: list[torch.Tensor],
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:
+        keep_q, keep_kv = select_heads(scores.q_heads, scores.kv_heads, widths, self.config)
+        keep_ch = select_top(scores.channels, widths.intermediate_size)
+        prune_layer_(self.layers[index], self.head_dim, keep_q, keep_kv, keep_ch, optimizer)
+        scorer.update(index, keep_q, keep_kv, keep_ch)
+        kept[0], kept[1], kept[2] = kept[0][keep_q], kept[1][keep_kv], kept[2][keep_ch]
+        self.layout.set_layer(index, widths)
+
+    def _record_event(self, before: list[LayerWidths], kept: list[list[torch.Tensor]], params: int) -> None:
+        changed = {
+            str(i): {"q_heads": k[0].tolist(), "kv_heads": k[1].tolist(), "channels": k[2].tolist()}
+            for i, (k, old) in enumerate(zip(kept, before))
+            if old != self.layout.layer(i)
+        }
+        if changed:
+            self.layout.history.append({"num_parameters": params, "layers": changed})
+        self.layout.sparsity = self.sparsity.tolist()
+        config = self.model.config
+        config.head_dim = self.head_dim
+        setattr(config, LAYOUT_KEY, self.layout.to_dict())
+
+    def _report(
+        self,
+        before: list[LayerWidths],
+        params_before: int,
+        target: int,
+        importance: torch.Tensor,
+        steps: int,
+        seconds: float,
+    ) -> PruneReport:
+        layers = [
+            LayerReport(i, b, self.layout.layer(i), float(importance[i]), float(self.sparsity[i]))
+            for i, b in enumerate(before)
+        ]
+        return PruneReport(
+            params_before=params_before,
+            params_after=self.num_parameters(),
+            target_params=target,
+            layers=layers,
+            inner_steps=steps,
+            wall_time_s=seconds,
+        )
+
+    def _check_tolerance(self, report: PruneReport) -> None:
+        for line in report.describe_changes():
+            logger.info(line)
+        if report.params_after > report.target_params and report.params_before > report.target_params:
+            logger.warning(
+                f"Stopped at {report.params_after:,} parameters, above the target {report.target_params:,}, after "
+                f"inner_steps={self.config.inner_steps}; raise inner_steps."
+            )
+        miss = abs(report.params_after - report.target_params) / report.target_params
+        if report.params_before > report.target_params and miss > self.config.target_tolerance:
+            unit = max(max(g.q_head_cost * g.base.num_attention_heads // g.base.num_key_value_heads, g.channel_cost)
+                       for g in self.geometries)  # fmt: skip
+            logger.warning(
+                f"Final count {report.params_after:,} is {miss:.2%} from the target {report.target_params:,} "
+                f"(tolerance {self.config.target_tolerance:.2%}): the smallest removable units here cost up to "
+                f"{unit:,} parameters each (whole heads, round_to={self.config.round_to} channels) and the floors "
+                "may bind. Lower round_to or use attention_unit='query_head' for finer steps."
+            )
+
+
+def prune_model(
+    model: nn.Module,
+    config: PrunerConfig,
+    calibration_data: CalibrationData,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """One-shot Adapt-Pruner: prune `model` in place to the config's target, scoring on `calibration_data`.
+
+    Args:
+        model: a `*ForCausalLM` of a supported `model_type` (dense weights, any device).
+        config: the `PrunerConfig`; `target_ratio` is relative to the original model's parameter count.
+        calibration_data: token blocks, a LongTensor (N, T) (see `hf_adapt_pruner.data.token_blocks`), or a list
+            of batch dicts with `input_ids`.
+        optimizer: if given, its state for the pruned parameters is sliced along with them.
+        progress: show tqdm progress bars.
+
+    Returns:
+        A `PruneReport` (parameters before/after, per-layer widths, layer importances, wall time).
+    """
+    pruner = AdaptivePruner(model, config)
+    target = pruner.final_target()
+    pruner.check_target(target)  # before touching data or weights
+    pool = CalibrationPool(calibration_data, config.calibration_samples, config.calibration_batch_size, config.seed)
+    scorer = CalibrationScorer(model, pool, config.layer_importance, config.group_importance, config.seed, progress)
+    return pruner.prune_to(target, scorer, optimizer=optimizer, progress=progress)

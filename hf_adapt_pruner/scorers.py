@@ -1,0 +1,111 @@
+"""Scorers: where a prune event's importances come from.
+
+A scorer is called once per inner step and returns `(raw layer importance (L,), [GroupScores per layer])`; after
+the engine slices a layer it calls `update(layer, keep_q, keep_kv, keep_channels)` so cached scores follow.
+
+- `CalibrationScorer` runs a forward/backward pass over calibration data at every call (the paper's recipe).
+- `StaticScorer` serves scores gathered elsewhere (e.g. accumulated from training gradients by the callback).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import LayerModules
+from .data import CalibrationPool
+from .importance import GroupScores, LayerSimilarityCollector, group_scores
+
+
+class StaticScorer:
+    """Scores measured once; re-indexed as layers are sliced."""
+
+    def __init__(self, layer_importance: torch.Tensor, scores: Sequence[GroupScores]):
+        self.layer_importance = layer_importance
+        self.scores = list(scores)
+
+    def __call__(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]:
+        return self.layer_importance, self.scores
+
+    def update(self, layer: int, keep_q: torch.Tensor, keep_kv: torch.Tensor, keep_channels: torch.Tensor) -> None:
+        self.scores[layer] = self.scores[layer].select(keep_q, keep_kv, keep_channels)
+
+
+def prunable_parameters(layers: Sequence[LayerModules]) -> list[nn.Parameter]:
+    params = []
+    for lm in layers:
+        for linear in (lm.q_proj, lm.k_proj, lm.v_proj, lm.o_proj, lm.gate_proj, lm.up_proj, lm.down_proj):
+            params.extend(p for p in (linear.weight, linear.bias) if p is not None)
+    return params
+
+
+class CalibrationScorer:
+    """Re-measures importances on a fresh calibration sample at every inner step.
+
+    One pass gives both: forward hooks record layer similarity, and the backward pass of the LM loss fills the
+    gradients Taylor scores need. Only the prunable projections get gradients (embeddings and `lm_head` do not),
+    dropout is off, and every parameter's `requires_grad` and `.grad` are restored afterwards, so this can run
+    in the middle of training.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pool: CalibrationPool,
+        layer_metric: str,
+        group_metric: str,
+        seed: int,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.pool = pool
+        self.layer_metric = layer_metric
+        self.group_metric = group_metric
+        self.generator = torch.Generator().manual_seed(seed)
+        self.progress = progress
+
+    def __call__(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]:
+        needs_grad = self.group_metric == "taylor"
+        params = list(self.model.parameters())
+        saved = [(p.requires_grad, p.grad) for p in params]
+        was_training = self.model.training
+        collector = LayerSimilarityCollector([lm.layer for lm in layers], self.layer_metric)
+        try:
+            self.model.eval()
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+            if needs_grad:
+                for p in prunable_parameters(layers):
+                    p.requires_grad_(True)
+            self._run(collector, needs_grad)
+            scores = [group_scores(lm, head_dim, self.group_metric, self.generator) for lm in layers]
+        finally:
+            for p, (requires_grad, grad) in zip(params, saved):
+                p.requires_grad_(requires_grad)
+                p.grad = grad
+            self.model.train(was_training)
+        return collector.importance(), scores
+
+    def _run(self, collector: LayerSimilarityCollector, needs_grad: bool) -> None:
+        device = next(self.model.parameters()).device
+        n_batches = self.pool.num_batches()
+        bar = tqdm(total=n_batches, desc="calibration", leave=False, disable=not self.progress)
+        with collector, torch.set_grad_enabled(needs_grad):
+            for batch in self.pool.sample():
+                input_ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                mask = mask.to(device) if mask is not None else None
+                labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
+                collector.token_mask = mask
+                out = self.model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False)
+                if needs_grad:
+                    (out.loss.float() / n_batches).backward()
+                bar.update(1)
+        bar.close()
+
+    def update(self, layer: int, keep_q: torch.Tensor, keep_kv: torch.Tensor, keep_channels: torch.Tensor) -> None:
+        """Nothing is cached: the next call measures the sliced model afresh."""
