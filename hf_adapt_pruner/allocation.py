@@ -15,7 +15,7 @@ the step size) so that the model's count lands on the target instead of overshoo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -210,7 +210,6 @@ def check_reachable(
     target_params: int,
     fixed_params: int,
     config: PrunerConfig,
-    describe: Callable[[], str] = lambda: "",
 ) -> None:
     floor_widths = [min_widths(g, w, config) for g, w in zip(geometries, current)]
     floor = model_params(geometries, floor_widths, fixed_params)
@@ -220,5 +219,5 @@ def check_reachable(
             f"min_kv_heads={config.min_kv_heads}, min_intermediate_size={config.min_intermediate_size}, "
             f"max_layer_sparsity={config.max_layer_sparsity}, prune_attention={config.prune_attention}, "
             f"prune_mlp={config.prune_mlp}) the model cannot go below {floor:,} parameters, of which {fixed_params:,} "
-            f"are never pruned (embeddings, norms, lm_head{describe()}). Raise the target or lower the floors."
+            f"are never pruned (embeddings, norms, lm_head). Raise the target or lower the floors."
         )

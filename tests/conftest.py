@@ -1,0 +1,30 @@
+"""Test set-up. The environment lines run before anything imports huggingface_hub or transformers: both read
+these variables at import time (see ../shared/hub-notes.md)."""
+
+import os
+import tempfile
+
+
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_adapt_pruner_tests_hf_home_"))
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_models import MODEL_TYPES, tiny_model  # noqa: E402
+
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(params=MODEL_TYPES)
+def model_type(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama", gqa_ratio=3)

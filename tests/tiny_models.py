@@ -1,0 +1,50 @@
+"""Tiny random models of every supported model_type, built from configs inside the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
+VOCAB = 128
+
+
+def tiny_config(model_type: str, gqa_ratio: int = 3, layers: int = 3, **overrides):
+    """hidden 48, 6 query heads of head_dim 8, `6 / gqa_ratio` kv heads, intermediate 96."""
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=6,
+        num_key_value_heads=6 // gqa_ratio,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=model_type in ("llama", "qwen3"),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if model_type == "llama":
+        kwargs["attention_bias"] = True  # exercise q/k/v/o biases on llama too
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, gqa_ratio: int = 3, seed: int = 0, attn_implementation: str = "eager", **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, gqa_ratio, **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    with torch.no_grad():  # larger-than-default random weights so layers differ measurably
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.08)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def calibration_blocks(n: int = 16, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n, seq_len), generator=generator)
