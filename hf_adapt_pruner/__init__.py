@@ -10,6 +10,7 @@ from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer, StaticScorer
 from .version import __version__
 
+
 __all__ = [
     "LAYOUT_KEY",
     "AdaptivePruner",

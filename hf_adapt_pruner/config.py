@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from .version import __version__
 
+
 logger = logging.get_logger(__name__)
 
 LAYER_IMPORTANCE_METRICS = ("cosine", "euclidean", "manhattan")

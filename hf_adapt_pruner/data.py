@@ -9,6 +9,7 @@ from typing import Any, Union
 
 import torch
 
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
 CalibrationData = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[dict[str, torch.Tensor]]]

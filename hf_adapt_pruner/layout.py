@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+
 LAYOUT_KEY = "pruned_layout"
 LAYOUT_FORMAT_VERSION = 1
 

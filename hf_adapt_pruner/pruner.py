@@ -25,9 +25,11 @@ from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
 from .importance import GroupScores
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
+from .remote_code import mark_pruned
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer
 from .surgery import prune_layer_
+
 
 logger = logging.get_logger(__name__)
 
@@ -210,6 +212,8 @@ class AdaptivePruner:
         config = self.model.config
         config.head_dim = self.head_dim
         setattr(config, LAYOUT_KEY, self.layout.to_dict())
+        if changed:
+            mark_pruned(self.model)
 
     def _report(
         self,

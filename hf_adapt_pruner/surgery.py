@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .architectures import LayerModules
+from .modeling.modeling_adapt_pruner import set_attention_head_counts
 
 
 def _check_index(index: torch.Tensor, size: int, what: str) -> torch.Tensor:
@@ -90,17 +91,7 @@ def prune_attention_heads_(
     slice_linear_(modules.k_proj, 0, kv_rows, optimizer)
     slice_linear_(modules.v_proj, 0, kv_rows, optimizer)
     slice_linear_(modules.o_proj, 1, q_rows, optimizer)
-    _set_head_counts(modules.attention, len(keep_q), len(keep_kv))
-
-
-def _set_head_counts(attention: nn.Module, heads: int, kv_heads: int) -> None:
-    """Update the run-time attributes the attention forward reads (names differ across versions and models)."""
-    attention.num_key_value_groups = heads // kv_heads
-    for name in ("num_heads", "num_attention_heads"):
-        if hasattr(attention, name):
-            setattr(attention, name, heads)
-    if hasattr(attention, "num_key_value_heads"):
-        attention.num_key_value_heads = kv_heads
+    set_attention_head_counts(modules.attention, len(keep_q), len(keep_kv))
 
 
 def prune_mlp_channels_(

@@ -11,10 +11,10 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_adapt_pruner_tests_
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from tiny_models import MODEL_TYPES, tiny_model  # noqa: E402
+from tiny_models import MODEL_TYPES, tiny_model
 
 
 torch.set_num_threads(2)

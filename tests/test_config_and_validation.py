@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from tiny_models import tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_adapt_pruner import (
@@ -19,6 +18,8 @@ from hf_adapt_pruner import (
     register_architecture,
     supported_model_types,
 )
+
+from tiny_models import tiny_model
 
 
 BAD_CONFIGS = [
@@ -91,7 +92,7 @@ def test_register_architecture_refuses_silent_overwrite():
 def test_layout_validation_names_the_key():
     good = PrunedLayout(8, [6, 3], [2, 1], [96, 40]).to_dict()
     assert PrunedLayout.from_dict(good, num_layers=2).intermediate_size == [96, 40]
-    with pytest.raises(ValueError, match="num_layers|layers"):
+    with pytest.raises(ValueError, match="layers"):
         PrunedLayout.from_dict(good, num_layers=3)
     with pytest.raises(ValueError, match="intermediate_size"):
         PrunedLayout.from_dict({**good, "intermediate_size": [96, "x"]})

@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
-from tiny_models import MODEL_TYPES, VOCAB, calibration_blocks, tiny_model
 
 from hf_adapt_pruner import AdaptivePruner, PrunerConfig, StaticScorer, count_parameters, prune_model
 from hf_adapt_pruner.architectures import get_architecture, layer_modules
 from hf_adapt_pruner.importance import GroupScores, group_scores
 from hf_adapt_pruner.surgery import head_rows, prune_layer_
+
+from tiny_models import MODEL_TYPES, VOCAB, calibration_blocks, tiny_model
 
 
 INPUT = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
@@ -142,7 +143,9 @@ def test_deterministic_under_seed():
     results = []
     for _ in range(2):
         model = tiny_model("mistral", gqa_ratio=3)
-        config = PrunerConfig(target_ratio=0.65, inner_steps=3, calibration_samples=6, group_importance="random", seed=3)
+        config = PrunerConfig(
+            target_ratio=0.65, inner_steps=3, calibration_samples=6, group_importance="random", seed=3
+        )
         prune_model(model, config, calibration_blocks(n=24), progress=False)
         results.append((model.config.pruned_layout, logits(model)))
     assert results[0][0] == results[1][0]

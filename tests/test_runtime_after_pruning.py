@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, calibration_blocks, tiny_model
 from torch import nn
 
 from hf_adapt_pruner import PrunerConfig, prune_model
 from hf_adapt_pruner.importance import LayerSimilarityCollector
+
+from tiny_models import VOCAB, calibration_blocks, tiny_model
 
 
 CONFIG = PrunerConfig(target_ratio=0.6, amplitude=0.1, inner_steps=3, calibration_samples=8, round_to=1)
