@@ -8,6 +8,7 @@ from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
 from .pruner import AdaptivePruner, count_parameters, current_layout, prune_model
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer, StaticScorer
+from .serialization import check_weights_match_layout, load_pruned, push_pruned_to_hub, save_pruned
 from .version import __version__
 
 
@@ -25,11 +26,15 @@ __all__ = [
     "PrunerConfig",
     "StaticScorer",
     "__version__",
+    "check_weights_match_layout",
     "count_parameters",
     "current_layout",
     "get_architecture",
+    "load_pruned",
     "prune_model",
+    "push_pruned_to_hub",
     "register_architecture",
+    "save_pruned",
     "supported_model_types",
     "token_blocks",
 ]

@@ -23,6 +23,7 @@ from pathlib import Path
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import HF_MODULES_CACHE, logging
+from transformers.utils.quantization_config import QuantizationMethod
 
 from .architectures import get_architecture
 from .layout import LAYOUT_KEY
@@ -118,9 +119,9 @@ def clear_dequantized_gguf_marker(model: nn.Module) -> None:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is None:
         return
-    method = str(getattr(quantizer.quantization_config, "quant_method", ""))
+    method = getattr(quantizer.quantization_config, "quant_method", None)
     dense = all(p.dtype.is_floating_point for p in model.parameters())
-    if not (method.endswith("gguf") and dense):
+    if not (method == QuantizationMethod.GGUF and dense):
         raise ValueError(
             f"The model is quantized ({method or type(quantizer).__name__}); hf_adapt_pruner prunes and saves dense "
             "models. Load it unquantized (for GGUF: quantization_config=GgufConfig(dequantize=True))."

@@ -48,3 +48,26 @@ def tiny_model(model_type: str, gqa_ratio: int = 3, seed: int = 0, attn_implemen
 def calibration_blocks(n: int = 16, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n, seq_len), generator=generator)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary (`w3 ... w127`), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+    )
+
+
+def pruned_tiny_model(model_type: str = "llama", gqa_ratio: int = 3, ratio: float = 0.6, **config_overrides):
+    from hf_adapt_pruner import PrunerConfig, prune_model
+
+    model = tiny_model(model_type, gqa_ratio)
+    config = PrunerConfig(target_ratio=ratio, amplitude=0.1, inner_steps=2, calibration_samples=8, round_to=1,
+                          **config_overrides)  # fmt: skip
+    prune_model(model, config, calibration_blocks(), progress=False)
+    return model

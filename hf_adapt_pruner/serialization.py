@@ -1,0 +1,279 @@
+"""Disk and Hub: `save_pruned`, `load_pruned`, `push_pruned_to_hub`. The only module that writes files or talks
+to the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging
+
+from .architectures import get_architecture
+from .config import PrunerConfig
+from .layout import LAYOUT_KEY, PrunedLayout
+from .remote_code import base_model_type, clear_dequantized_gguf_marker, mark_pruned, pruned_classes
+
+
+logger = logging.get_logger(__name__)
+
+MODEL_CARD_TEMPLATE = "adapt_pruner.md"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------------------------
+def save_pruned(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    pruner_config: PrunerConfig | None = None,
+    eval_results: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Save a pruned model as an ordinary Hugging Face checkpoint that loads anywhere.
+
+    Writes safetensors weights, `config.json` (the base architecture's fields, `pruned_layout`, our `model_type` and
+    `auto_map`), `configuration_adapt_pruner.py` and `modeling_adapt_pruner.py`, the generation config, the tokenizer
+    files, `pruner_config.json` and a model card `README.md`. An unpruned model gets a plain save.
+
+    Everything is written into a temporary folder beside `save_directory` and moved into place at the end, so a
+    failure never leaves a half-written model; an existing `save_directory` is replaced only with `overwrite=True`.
+
+    Args:
+        model: the pruned `*ForCausalLM` (a GGUF-loaded, dequantized model is fine).
+        save_directory: the folder to create.
+        tokenizer: saved alongside when given.
+        overwrite: replace an existing `save_directory`.
+        pruner_config: recorded in `pruner_config.json` and the model card.
+        eval_results: `{metric: value}` shown in the model card.
+        base_model: Hub id of the model that was pruned, for the card's metadata (default: the model's
+            `name_or_path` when it is not a local path).
+        license: the card's license, when known.
+        repo_id: the id shown in the card's usage snippet (default: the folder name).
+    """
+    target = Path(save_directory).absolute()
+    if target.exists() and not (overwrite and target.is_dir()):
+        raise FileExistsError(
+            f"{str(target)!r} already exists: pass overwrite=True to replace it, or choose another save_directory."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clear_dequantized_gguf_marker(model)
+    pruned = getattr(model.config, LAYOUT_KEY, None) is not None
+    if pruned:
+        mark_pruned(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if pruner_config is not None:
+            pruner_config.save_pretrained(tmp)
+        if pruned:
+            card = _model_card(model, pruner_config, eval_results, base_model, license, repo_id or target.name)
+            card.save(tmp / "README.md")
+            check_weights_match_layout(tmp)
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(f"Saved {'pruned ' if pruned else ''}model to {target}")
+    return target
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(target, backup)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _model_card(
+    model: nn.Module,
+    pruner_config: PrunerConfig | None,
+    eval_results: Mapping[str, Any] | None,
+    base_model: str | None,
+    license: str | None,
+    repo_id: str,
+) -> ModelCard:
+    config = model.config
+    layout = PrunedLayout.from_dict(getattr(config, LAYOUT_KEY), num_layers=config.num_hidden_layers)
+    if base_model is None:
+        name = str(getattr(config, "_name_or_path", "") or "")
+        base_model = name if name.count("/") == 1 and not os.path.exists(name) else None
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        license=license,
+        tags=["pruned", "adapt-pruner", "hf_adapt_pruner", "custom_code"],
+        pipeline_tag="text-generation",
+    )
+    template = resources.files("hf_adapt_pruner.model_cards").joinpath(MODEL_CARD_TEMPLATE).read_text("utf-8")
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        base_model=base_model,
+        base_model_type=base_model_type(config.model_type),
+        params_before=layout.base.get("num_parameters", 0),
+        params_after=sum(p.numel() for p in model.parameters()),
+        layers=[
+            {"index": i, "heads": h, "kv_heads": kv, "intermediate": m}
+            for i, (h, kv, m) in enumerate(
+                zip(layout.num_attention_heads, layout.num_key_value_heads, layout.intermediate_size)
+            )
+        ],
+        head_dim=layout.head_dim,
+        base_heads=layout.base.get("num_attention_heads"),
+        base_kv_heads=layout.base.get("num_key_value_heads"),
+        base_intermediate=layout.base.get("intermediate_size"),
+        eval_results=dict(eval_results or {}),
+        pruner_config=pruner_config.to_json_string().strip() if pruner_config is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# check and load
+# ---------------------------------------------------------------------------------------------------------------
+def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    index = folder / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
+    shapes = {}
+    for name in files:
+        with safe_open(folder / name, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def check_weights_match_layout(folder: str | os.PathLike) -> None:
+    """Raise if the safetensors weights in `folder` disagree with its `config.json` layout, naming layer and tensor."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    layout = PrunedLayout.from_dict(config.get(LAYOUT_KEY), num_layers=config.get("num_hidden_layers"))
+    spec = get_architecture(base_model_type(config["model_type"]))
+    shapes = _weight_shapes(folder)
+    d = layout.head_dim
+    for i in range(layout.num_layers):
+        heads, kv, channels = layout.layer(i).as_tuple()
+        attn, mlp = f"{spec.layers}.{i}.{spec.attention}", f"{spec.layers}.{i}.{spec.mlp}"
+        expected = {
+            f"{attn}.{spec.q_proj}.weight": (0, heads * d),
+            f"{attn}.{spec.k_proj}.weight": (0, kv * d),
+            f"{attn}.{spec.v_proj}.weight": (0, kv * d),
+            f"{attn}.{spec.o_proj}.weight": (1, heads * d),
+            f"{mlp}.{spec.gate_proj}.weight": (0, channels),
+            f"{mlp}.{spec.up_proj}.weight": (0, channels),
+            f"{mlp}.{spec.down_proj}.weight": (1, channels),
+        }
+        for key, (dim, size) in expected.items():
+            if key not in shapes:
+                raise ValueError(f"layer {i}: tensor {key!r} is missing from the weights in {str(folder)!r}.")
+            if shapes[key][dim] != size:
+                raise ValueError(
+                    f"layer {i}: tensor {key!r} has shape {list(shapes[key])} but config.json's {LAYOUT_KEY} "
+                    f"({heads} heads, {kv} kv heads, {channels} MLP channels, head_dim {d}) needs size {size} in "
+                    f"dimension {dim}. The config and the weights come from different saves."
+                )
+
+
+def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Load a pruned checkpoint (folder or Hub id) with the package's own classes: no code from the checkpoint runs.
+
+    Keyword arguments go to `from_pretrained` (`revision`, `token`, `dtype`, `device_map`, ...). A checkpoint
+    without a layout loads as its stock architecture.
+    """
+    if kwargs.pop("trust_remote_code", False):
+        raise ValueError("load_pruned never runs remote code; drop trust_remote_code (or use AutoModelForCausalLM).")
+    path = Path(pretrained_model_name_or_path)
+    if path.is_dir():
+        config_file = path / "config.json"
+    else:
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+        config_file = Path(hf_hub_download(str(pretrained_model_name_or_path), "config.json", **hub_kwargs))
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get(LAYOUT_KEY) is None:
+        return AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    PrunedLayout.from_dict(config[LAYOUT_KEY], num_layers=config.get("num_hidden_layers"))
+    if path.is_dir():
+        check_weights_match_layout(path)
+    _, model_cls = pruned_classes(base_model_type(config["model_type"]))
+    return model_cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# push
+# ---------------------------------------------------------------------------------------------------------------
+def push_pruned_to_hub(
+    model: nn.Module | str | os.PathLike,
+    repo_id: str,
+    tokenizer: Any = None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    **save_kwargs: Any,
+) -> str:
+    """Push a pruned model (or a folder written by `save_pruned`) to the Hub in one commit; returns the commit URL.
+
+    The repository is created if missing. A model is first saved with `save_pruned` into a temporary folder (extra
+    keyword arguments go there); a folder is uploaded as it is and never modified.
+    """
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="hf_adapt_pruner_push_") as tmp:
+        if isinstance(model, (str, os.PathLike)):
+            folder = Path(model)
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"{str(folder)!r} has no config.json: pass a folder written by save_pruned.")
+            if json.loads((folder / "config.json").read_text()).get(LAYOUT_KEY) is not None:
+                check_weights_match_layout(folder)
+        else:
+            folder = save_pruned(model, Path(tmp) / repo_id.split("/")[-1], tokenizer, repo_id=repo_id, **save_kwargs)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=revision,
+                commit_message=commit_message or "Upload model pruned with hf_adapt_pruner",
+            )
+        except HfHubHTTPError as error:
+            status = getattr(error.response, "status_code", None)
+            hint = (
+                "authentication failed: pass token= with write access or run `hf auth login`"
+                if status in (401, 403)
+                else f"the Hub answered HTTP {status}"
+            )
+            raise RuntimeError(
+                f"Pushing to {repo_id!r} failed ({hint}). Nothing local was changed. {error}"
+            ) from error
+        except OSError as error:  # connection errors derive from OSError
+            raise RuntimeError(f"Pushing to {repo_id!r} failed: the Hub is unreachable ({error}).") from error
+    return commit.commit_url if hasattr(commit, "commit_url") else str(commit)
