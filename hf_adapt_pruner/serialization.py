@@ -13,11 +13,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.utils import logging
 
 from .architectures import get_architecture
@@ -224,6 +225,25 @@ def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any)
         check_weights_match_layout(path)
     _, model_cls = pruned_classes(base_model_type(config["model_type"]))
     return model_cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+def load_for_pruning(
+    pretrained_model_name_or_path: str | os.PathLike, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
+    """(dense model, tokenizer) ready for pruning: a pruned checkpoint through `load_pruned`, a GGUF file dequantized.
+
+    A model loaded from GGUF has its quantizer marker cleared, so it saves like any other model.
+    """
+    if gguf_file is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained_model_name_or_path, gguf_file=gguf_file, dtype=dtype,
+            quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True),
+        )  # fmt: skip
+        clear_dequantized_gguf_marker(model)
+    else:
+        model = load_pruned(pretrained_model_name_or_path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, gguf_file=gguf_file)
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,3 +28,16 @@ def model_type(request) -> str:
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama", gqa_ratio=3)
+
+
+RUN_SLOW = os.environ.get("CI", "").lower() in ("1", "true") or os.environ.get("HF_ADAPT_PRUNER_SLOW") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests (the real SmolLM2 model) run in CI (CI=true) or with HF_ADAPT_PRUNER_SLOW=1."""
+    if RUN_SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow: set HF_ADAPT_PRUNER_SLOW=1 (CI sets CI=true) to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -29,10 +29,15 @@ generated = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
 tokenizer = AutoTokenizer.from_pretrained(source)  # no flag: the y/N trust question finds no terminal and is declined
 generator = pipeline("text-generation", model=source, trust_remote_code=True)
 text = generator("w5 w6 w7", max_new_tokens=3, do_sample=False)[0]["generated_text"]
-print("\n" + json.dumps({
-    "class": type(model).__module__ + "." + type(model).__name__,
-    "logits": logits.tolist(),
-    "generated_shape": list(generated.shape),
-    "tokenized": tokenizer("w5 w6")["input_ids"],
-    "pipeline_text": text,
-}))
+print(
+    "\n"
+    + json.dumps(
+        {
+            "class": type(model).__module__ + "." + type(model).__name__,
+            "logits": logits.tolist(),
+            "generated_shape": list(generated.shape),
+            "tokenized": tokenizer("w5 w6")["input_ids"],
+            "pipeline_text": text,
+        }
+    )
+)

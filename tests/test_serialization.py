@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import MODEL_TYPES, VOCAB, calibration_blocks, pruned_tiny_model, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, GgufConfig, Trainer, TrainingArguments
 from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
 
 from hf_adapt_pruner import PrunerConfig, load_pruned, prune_model, save_pruned
 from hf_adapt_pruner.remote_code import CONFIG_FILE, MODELING_FILE
+
+from tiny_models import MODEL_TYPES, VOCAB, calibration_blocks, pruned_tiny_model, tiny_model, tiny_tokenizer
 
 
 INPUT = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -46,7 +47,9 @@ def test_saved_model_loads_anywhere(model_type, tmp_path):
             "tokenizer.json", "pruner_config.json", "README.md"} <= names  # fmt: skip
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     for code_file in (CONFIG_FILE, MODELING_FILE):  # self-contained: only torch, transformers and the sibling
-        imports = [line for line in (folder / code_file).read_text().splitlines() if line.startswith(("import", "from"))]
+        imports = [
+            line for line in (folder / code_file).read_text().splitlines() if line.startswith(("import", "from"))
+        ]
         assert all(line.split()[1].split(".")[0] in ("torch", "transformers", "") for line in imports), imports
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == f"adapt_pruned_{model_type}"
@@ -84,8 +87,8 @@ def test_save_pretrained_after_prune_writes_a_pruned_checkpoint(tmp_path):
 def test_trainer_save_model_and_checkpoints_are_loadable(tmp_path):
     model = pruned_tiny_model("llama").train()
     data = [{"input_ids": row, "labels": row} for row in calibration_blocks(n=8, seq_len=16)]
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=1, per_device_train_batch_size=4,
-                             report_to=[], use_cpu=True, logging_steps=1, save_only_model=True)  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=1, report_to=[],
+                             per_device_train_batch_size=4, use_cpu=True, save_only_model=True)  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))

@@ -1,0 +1,92 @@
+"""`hf-adapt-pruner`: command-line one-shot pruning.
+
+hf-adapt-pruner prune MODEL_DIR --target-ratio 0.7 --calibration TEXT_DIR --output OUT_DIR [--gguf-file F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging as logging_module
+import sys
+
+import torch
+from transformers.utils import logging
+
+from .config import PrunerConfig
+from .data import read_texts, split_files, text_files, token_blocks
+from .evaluation import generate_sample, perplexity
+from .pruner import prune_model
+from .serialization import load_for_pruning, save_pruned
+
+
+TUNABLE = ("amplitude", "layer_importance", "group_importance", "attention_unit", "inner_steps", "round_to",
+           "calibration_samples", "calibration_seq_len", "calibration_batch_size", "min_heads", "min_kv_heads",
+           "min_intermediate_size", "seed")  # fmt: skip
+
+
+def _add_prune_parser(subparsers) -> None:
+    p = subparsers.add_parser("prune", help="One-shot Adapt-Pruner on calibration text, then save_pruned.")
+    p.add_argument("model", help="Model folder (safetensors, or a folder holding a GGUF file with --gguf-file).")
+    p.add_argument("--gguf-file", help="GGUF file name inside MODEL (dequantized on load).")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-ratio", type=float, help="Fraction of parameters to keep, e.g. 0.7.")
+    target.add_argument("--target-params", type=int, help="Parameter count to keep.")
+    p.add_argument("--calibration", required=True, help="A text file or a folder of .txt/.md/.rst files.")
+    p.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="Share of the text FILES held out for perplexity (never used for calibration).")  # fmt: skip
+    p.add_argument("--eval-blocks", type=int, default=32, help="Held-out blocks scored for perplexity (0: skip).")
+    p.add_argument("--output", required=True, help="Folder to write the pruned model to.")
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    p.add_argument("--prompt", default="What is a Python decorator?", help="Prompt for the generated sample.")
+    fields = {f.name: f for f in dataclasses.fields(PrunerConfig)}
+    for name in TUNABLE:
+        f = fields[name]
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.metadata["help"])
+
+
+def _prune(args: argparse.Namespace) -> dict:
+    config = PrunerConfig(target_ratio=args.target_ratio, target_params=args.target_params,
+                          **{name: getattr(args, name) for name in TUNABLE})  # fmt: skip
+    model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
+    calibration_files, eval_files = split_files(text_files(args.calibration), args.eval_fraction, seed=config.seed)
+    max_blocks = 8 * config.calibration_samples  # a pool to resample from at every inner step
+    calibration = token_blocks(tokenizer, read_texts(calibration_files), config.calibration_seq_len, max_blocks)
+    evaluation = None
+    if args.eval_blocks:
+        evaluation = token_blocks(tokenizer, read_texts(eval_files), config.calibration_seq_len, args.eval_blocks)
+    result = {"perplexity_before": perplexity(model, evaluation, progress=True) if evaluation is not None else None}
+    report = prune_model(model, config, calibration)
+    print(report.table())
+    if evaluation is not None:
+        result["perplexity_after"] = perplexity(model, evaluation, progress=True)
+    result["sample"] = generate_sample(model, tokenizer, args.prompt)
+    eval_results = {"held-out perplexity": round(result["perplexity_after"], 2)} if evaluation is not None else None
+    save_pruned(model, args.output, tokenizer, overwrite=args.overwrite, pruner_config=config,
+                eval_results=eval_results)  # fmt: skip
+    result.update(params_before=report.params_before, params_after=report.params_after, output=args.output,
+                  wall_time_s=round(report.wall_time_s, 1))  # fmt: skip
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-adapt-pruner", description=__doc__.split("\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_prune_parser(subparsers)
+    args = parser.parse_args(argv)
+    logger = logging.get_logger("hf_adapt_pruner")
+    logger.setLevel("INFO")
+    logger.addHandler(logging_module.StreamHandler(sys.stderr))
+    torch.manual_seed(0)
+    try:
+        result = _prune(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"hf-adapt-pruner: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

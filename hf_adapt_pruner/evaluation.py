@@ -1,0 +1,41 @@
+"""Held-out perplexity and a generated sample: the numbers every prune run reports."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
+    """exp(mean next-token loss) over token blocks (N, T); every block is scored on its T - 1 predictions."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(blocks), batch_size), desc="perplexity", leave=False, disable=not progress):
+        batch = blocks[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total += float(loss)
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation of `prompt` (through the chat template when the tokenizer has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
