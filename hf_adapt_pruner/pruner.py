@@ -25,7 +25,7 @@ from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
 from .importance import GroupScores
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
-from .remote_code import mark_pruned
+from .remote_code import base_model_type, mark_pruned
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer
 from .surgery import prune_layer_
@@ -51,7 +51,7 @@ def current_layout(model: nn.Module) -> PrunedLayout:
     stored = getattr(config, LAYOUT_KEY, None)
     if stored is not None:
         return PrunedLayout.from_dict(stored, num_layers=config.num_hidden_layers)
-    spec = get_architecture(config.model_type)
+    spec = get_architecture(base_model_type(config.model_type))
     layers = layer_modules(model, spec)
     head_dim = int(layers[0].attention.head_dim)
     widths = [
@@ -88,7 +88,7 @@ class AdaptivePruner:
     def __init__(self, model: nn.Module, config: PrunerConfig):
         self.model = model
         self.config = config
-        self.spec = get_architecture(model.config.model_type)
+        self.spec = get_architecture(base_model_type(model.config.model_type))
         self.layers = layer_modules(model, self.spec)
         self.layout = current_layout(model)
         self.head_dim = self.layout.head_dim

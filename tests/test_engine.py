@@ -10,6 +10,7 @@ import torch
 from hf_adapt_pruner import AdaptivePruner, PrunerConfig, StaticScorer, count_parameters, prune_model
 from hf_adapt_pruner.architectures import get_architecture, layer_modules
 from hf_adapt_pruner.importance import GroupScores, group_scores
+from hf_adapt_pruner.remote_code import base_model_type
 from hf_adapt_pruner.surgery import head_rows, prune_layer_
 
 from tiny_models import MODEL_TYPES, VOCAB, calibration_blocks, tiny_model
@@ -25,7 +26,7 @@ def logits(model, input_ids=INPUT):
 
 
 def layers_of(model):
-    return layer_modules(model, get_architecture(model.config.model_type))
+    return layer_modules(model, get_architecture(base_model_type(model.config.model_type)))
 
 
 def removal_plan(layer_index: int, heads: int, kv_heads: int, channels: int, unit: str):
