@@ -2,6 +2,7 @@
 
 from .allocation import LayerGeometry
 from .architectures import ArchitectureSpec, get_architecture, register_architecture, supported_model_types
+from .callback import AdaptPrunerCallback
 from .config import PrunerConfig
 from .data import CalibrationPool, token_blocks
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
@@ -14,6 +15,7 @@ from .version import __version__
 
 __all__ = [
     "LAYOUT_KEY",
+    "AdaptPrunerCallback",
     "AdaptivePruner",
     "ArchitectureSpec",
     "CalibrationPool",

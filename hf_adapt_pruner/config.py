@@ -20,7 +20,6 @@ GROUP_IMPORTANCE_METRICS = ("taylor", "magnitude", "random")
 ATTENTION_UNITS = ("kv_group", "query_head")
 DATA_SPLITS = ("linear", "constant", "cosine")
 IMPORTANCE_SOURCES = ("training", "calibration")
-PRUNING_MODES = ("auto", "physical", "mask")
 
 
 @dataclass
@@ -134,10 +133,6 @@ class PrunerConfig:
         default=8,
         metadata={"help": "Optimizer steps before a prune event over which training-based scores accumulate."},
     )
-    mode: str = field(
-        default="auto",
-        metadata={"help": "auto, physical (slice weights) or mask (zero them, slice at save; for sharded engines)."},
-    )
     library_version: str = field(default=__version__, metadata={"help": "hf_adapt_pruner version that wrote this."})
 
     def __post_init__(self) -> None:
@@ -147,7 +142,6 @@ class PrunerConfig:
         _check_choice("attention_unit", self.attention_unit, ATTENTION_UNITS)
         _check_choice("data_split", self.data_split, DATA_SPLITS)
         _check_choice("importance_source", self.importance_source, IMPORTANCE_SOURCES)
-        _check_choice("mode", self.mode, PRUNING_MODES)
         if not 0.0 <= self.amplitude <= 1.0:
             raise ValueError(
                 f"amplitude={self.amplitude!r} is out of range: use a value in [0, 1] (paper: 0.02; 0 = uniform)."

@@ -41,7 +41,8 @@ BAD_CONFIGS = [
     ({"target_ratio": 0.7, "target_tolerance": 0.0}, "target_tolerance"),
     ({"target_ratio": 0.7, "data_split": "cubic"}, "data_split"),
     ({"target_ratio": 0.7, "recovery_fraction": 1.0}, "recovery_fraction"),
-    ({"target_ratio": 0.7, "mode": "sparse"}, "mode"),
+    ({"target_ratio": 0.7, "num_stages": 0}, "num_stages"),
+    ({"target_ratio": 0.7, "importance_source": "hooks"}, "importance_source"),
 ]
 
 

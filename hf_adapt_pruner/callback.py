@@ -1,0 +1,264 @@
+"""`AdaptPrunerCallback`: Adapt-Accel (incremental pruning interleaved with training) in an unmodified Trainer.
+
+The callback holds no algorithm: it turns Trainer events into engine calls (`AdaptivePruner`, scorers, schedule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.utils import logging
+
+from .config import PrunerConfig
+from .data import CalibrationData, CalibrationPool
+from .importance import GroupScores, LayerSimilarityCollector, group_scores
+from .pruner import AdaptivePruner
+from .report import PruneReport
+from .schedule import Stage, build_schedule
+from .scorers import CalibrationScorer, StaticScorer
+
+
+logger = logging.get_logger(__name__)
+
+# Optimizers whose every state tensor is per-element (shaped like its parameter), so it can be sliced with it.
+SLICEABLE_OPTIMIZERS = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad,
+    torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+)  # fmt: skip
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside accelerate's `AcceleratedOptimizer` wrapper (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class AdaptPrunerCallback(TrainerCallback, ExportableState):
+    """Prunes the model in `config.num_stages` events while an ordinary `transformers.Trainer` trains it.
+
+    ```python
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      callbacks=[AdaptPrunerCallback(PrunerConfig(target_ratio=0.7, num_stages=5))])
+    trainer.train()
+    ```
+
+    The schedule (see `hf_adapt_pruner.schedule`) is computed in `on_train_begin` from `max_steps`; everything is
+    validated there, before the first step. By default (`importance_source="training"`) importance costs no extra
+    passes: Taylor scores |w * grad| accumulate from the gradients the Trainer already computed (read in
+    `on_pre_optimizer_step`, after clipping, before the step) over the `importance_window` steps before each event,
+    and layer similarity comes from forward hooks that exist only in that window. With
+    `importance_source="calibration"` each event runs the paper's forward/backward passes over `calibration_data`.
+
+    Each event slices weights in place (same `nn.Parameter` objects) and the optimizer's state with them, so the LR
+    schedule, gradient accumulation and the optimizer carry on. Event statistics go to the Trainer's log history;
+    call `callback.attach(trainer)` so they also reach `report_to` integrations (which otherwise see logs first).
+
+    Resuming: load the checkpoint's pruned model (`load_pruned(ckpt)` or `from_pretrained(ckpt,
+    trust_remote_code=True)`), build the Trainer with the same callback config and call
+    `trainer.train(resume_from_checkpoint=ckpt)`; the stored schedule continues where it stopped.
+    """
+
+    def __init__(self, config: PrunerConfig | dict, calibration_data: CalibrationData | None = None):
+        self.config = config if isinstance(config, PrunerConfig) else PrunerConfig.from_dict(config)
+        self.calibration_data = calibration_data
+        self.schedule: list[Stage] = []
+        self.events_done = 0
+        self.reports: list[PruneReport] = []
+        self._pruner: AdaptivePruner | None = None
+        self._collector: LayerSimilarityCollector | None = None
+        self._scores: list[GroupScores] | None = None
+        self._pending_logs: dict[str, Any] = {}
+        self._hooked_model = None
+        self._progress = True
+
+    # --- ExportableState: the schedule survives a resume ------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "args": {"config": self.config.to_dict()},
+            "attributes": {"schedule": [s.to_dict() for s in self.schedule], "events_done": self.events_done},
+        }
+
+    def attach(self, trainer) -> AdaptPrunerCallback:
+        """Put this callback first in `trainer`'s list, so its statistics reach `report_to` integrations too."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        return self
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._guard_checkpoint_loading(model)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if args.world_size > 1:
+            raise ValueError(
+                f"AdaptPrunerCallback runs in a single process for now (world_size={args.world_size}); "
+                "multi-process pruning (DDP/FSDP) is not implemented yet."
+            )
+        torch_optimizer = _torch_optimizer(optimizer)
+        if torch_optimizer is not None and not isinstance(torch_optimizer, SLICEABLE_OPTIMIZERS):
+            raise ValueError(
+                f"The optimizer {type(torch_optimizer).__name__} keeps state that cannot be sliced with the pruned "
+                "weights. Use an element-wise optimizer (TrainingArguments(optim='adamw_torch'), SGD, ...)."
+            )
+        if args.load_best_model_at_end:
+            raise ValueError(
+                "load_best_model_at_end=True cannot work with pruning (the best checkpoint may have another size): "
+                "turn it off and load the checkpoint you want with load_pruned(checkpoint) after training."
+            )
+        if self.config.importance_source == "calibration" and self.calibration_data is None:
+            raise ValueError(
+                "importance_source='calibration' needs calibration data: AdaptPrunerCallback(config, "
+                "calibration_data=token_blocks(...)), or use importance_source='training'."
+            )
+        self._guard_checkpoint_loading(model)
+        self._progress = not args.disable_tqdm
+        self._pruner = AdaptivePruner(model, self.config)  # unsupported model types fail here
+        self._restore_or_build_schedule(state, model)
+        if self.schedule:
+            self._pruner.check_target(self.schedule[-1].target_params)
+        events = ", ".join(f"step {s.step} -> {s.target_params:,}" for s in self.schedule)
+        logger.info(f"Adapt-Accel schedule: {events}")
+        if self.events_done < len(self.schedule) and self.schedule[self.events_done].step <= state.global_step:
+            self._prune(state, optimizer)  # an event at step 0 (calibration-based importance)
+        self._update_window(state, model)
+
+    def _restore_or_build_schedule(self, state, model) -> None:
+        stored = (state.stateful_callbacks or {}).get(type(self).__name__, {})
+        stored = stored[0] if isinstance(stored, list) else stored
+        schedule = stored.get("attributes", {}).get("schedule") if isinstance(stored, dict) else None
+        if state.global_step > 0 and schedule:
+            self.schedule = [Stage(**s) for s in schedule]
+            self.events_done = sum(s.step <= state.global_step for s in self.schedule)
+            expected = self.schedule[self.events_done - 1].target_params if self.events_done else None
+            actual = self._pruner.num_parameters()
+            if expected is not None and abs(actual - expected) > self.config.target_tolerance * expected:
+                raise ValueError(
+                    f"Resuming at step {state.global_step}, after {self.events_done} prune events, the model should "
+                    f"have about {expected:,} parameters but has {actual:,}. Load the model from the checkpoint you "
+                    "resume from (load_pruned(checkpoint)) before trainer.train(resume_from_checkpoint=checkpoint)."
+                )
+            return
+        if state.global_step > 0:
+            raise ValueError(
+                f"Resuming at step {state.global_step} from a checkpoint without an AdaptPrunerCallback schedule: "
+                "resume only runs that started with this callback."
+            )
+        start = self._pruner.num_parameters()
+        self.schedule = build_schedule(self.config, state.max_steps, start, self._pruner.final_target())
+        self.events_done = 0
+
+    def _guard_checkpoint_loading(self, model) -> None:
+        """Turn a size-mismatch traceback at `resume_from_checkpoint` into an error that says what to do."""
+        if model is None or model is self._hooked_model:
+            return
+
+        def hook(module, state_dict, prefix, *args):
+            shapes = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+            for key, value in state_dict.items():
+                name = key[len(prefix) :] if key.startswith(prefix) else key
+                if name in shapes and tuple(value.shape) != shapes[name] and hasattr(value, "shape"):
+                    raise ValueError(
+                        f"The checkpoint's {name} has shape {tuple(value.shape)} but the model's is {shapes[name]}: "
+                        "the checkpoint comes from a pruned run. Resume with the checkpoint's model: "
+                        "model = load_pruned(checkpoint) (or from_pretrained(checkpoint, trust_remote_code=True)), "
+                        "then trainer.train(resume_from_checkpoint=checkpoint)."
+                    )
+
+        model.register_load_state_dict_pre_hook(hook)
+        self._hooked_model = model
+
+    # --- importance window ------------------------------------------------------------------------------------
+    def _next_stage(self) -> Stage | None:
+        return self.schedule[self.events_done] if self.events_done < len(self.schedule) else None
+
+    def _update_window(self, state, model) -> None:
+        """Open the window `importance_window` steps before the next event (training-based importance only)."""
+        stage = self._next_stage()
+        in_window = (
+            self.config.importance_source == "training"
+            and stage is not None
+            and stage.step - self.config.importance_window <= state.global_step < stage.step
+        )
+        if in_window and self._collector is None:
+            layers = [lm.layer for lm in self._pruner.layers]
+            self._collector = LayerSimilarityCollector(layers, self.config.layer_importance).__enter__()
+            self._scores = None
+        elif not in_window and self._collector is not None:
+            self._collector.__exit__(None, None, None)
+            self._collector = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._collector is None or self.config.group_importance != "taylor":
+            return
+        step_scores = [group_scores(lm, self._pruner.head_dim, "taylor") for lm in self._pruner.layers]
+        self._scores = step_scores if self._scores is None else [a + b for a, b in zip(self._scores, step_scores)]
+
+    def on_step_end(self, args, state, control, optimizer=None, model=None, **kwargs):
+        stage = self._next_stage()
+        if stage is not None and state.global_step >= stage.step:
+            self._prune(state, optimizer)
+            control.should_log = True
+        self._update_window(state, model)
+        return control
+
+    # --- the prune event --------------------------------------------------------------------------------------
+    def _scorer(self):
+        config, pruner = self.config, self._pruner
+        if config.importance_source == "calibration":
+            pool = CalibrationPool(self.calibration_data, config.calibration_samples, config.calibration_batch_size,
+                                   config.seed + self.events_done)  # fmt: skip
+            return CalibrationScorer(pruner.model, pool, config.layer_importance, config.group_importance, config.seed,
+                                     progress=self._progress)  # fmt: skip
+        importance = self._collector.importance()
+        if config.group_importance == "taylor":
+            if self._scores is None:
+                raise RuntimeError("No gradients were seen in the importance window before the prune event.")
+            scores = self._scores
+        else:
+            generator = torch.Generator().manual_seed(config.seed + self.events_done)
+            scores = [group_scores(lm, pruner.head_dim, config.group_importance, generator) for lm in pruner.layers]
+        return StaticScorer(importance, scores)
+
+    def _prune(self, state, optimizer) -> None:
+        stage = self._next_stage()
+        report = self._pruner.prune_to(
+            stage.target_params, self._scorer(), optimizer=_torch_optimizer(optimizer), progress=False
+        )
+        if self._collector is not None:
+            self._collector.__exit__(None, None, None)
+            self._collector = None
+        self._scores = None
+        self.events_done += 1
+        self.reports.append(report)
+        base = self._pruner.layout.base["num_parameters"]
+        logger.info(
+            f"prune event {stage.index}/{len(self.schedule)} at step {state.global_step}: "
+            f"{report.params_before:,} -> {report.params_after:,} parameters ({report.params_after / base:.1%} of "
+            f"the original; stage target {stage.target_params:,}) in {report.wall_time_s:.1f} s"
+        )
+        self._pending_logs = {
+            "prune/stage": stage.index,
+            "prune/params": report.params_after,
+            "prune/ratio": round(report.params_after / base, 6),
+            "prune/stage_target": stage.target_params,
+            "prune/seconds": round(report.wall_time_s, 3),
+            "prune/widths": self._pruner.layout.summary(),
+            "prune/layer_importance": " ".join(f"{v:+.3f}" for v in report.layer_importance),
+        }
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending_logs or logs is None:
+            return
+        logs.update(self._pending_logs)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._pending_logs)
+        self._pending_logs = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._collector is not None:
+            self._collector.__exit__(None, None, None)
+            self._collector = None
