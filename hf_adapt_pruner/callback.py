@@ -242,6 +242,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         )
         self._pending_logs = {
             "prune/stage": stage.index,
+            "prune/step": state.global_step,
             "prune/params": report.params_after,
             "prune/ratio": round(report.params_after / base, 6),
             "prune/stage_target": stage.target_params,

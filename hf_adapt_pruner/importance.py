@@ -35,9 +35,8 @@ class LayerSimilarityCollector:
     official code negates distances too, which ranks layers backwards; see paper-notes section 6).
 
     Use as a context manager; hooks exist only inside it. Set `token_mask` (B, T) before a forward to skip padding.
-    Forward passes that run without autograd recording for a gradient-checkpointing recompute are not double
-    counted because checkpointing recomputes under `torch.enable_grad()` *inside* backward, where
-    `torch._C._current_graph_task_id() != -1`.
+    Under gradient checkpointing transformers recomputes inside the decoder layer, below these hooks, so a token is
+    counted once (tested).
     """
 
     def __init__(self, layers: Sequence[nn.Module], metric: str):
@@ -60,8 +59,6 @@ class LayerSimilarityCollector:
 
     def _make_hook(self, index: int):
         def hook(module, args, kwargs, output):
-            if torch._C._current_graph_task_id() != -1:  # recompute inside backward (gradient checkpointing)
-                return
             with torch.no_grad():
                 x = _hidden_from_input(args, kwargs).float()  # (B, T, H)
                 y = _hidden_from_output(output).float()
