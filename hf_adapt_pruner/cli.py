@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging as logging_module
+import os
 import sys
 
 import torch
@@ -49,6 +50,8 @@ def _add_prune_parser(subparsers) -> None:
 def _prune(args: argparse.Namespace) -> dict:
     config = PrunerConfig(target_ratio=args.target_ratio, target_params=args.target_params,
                           **{name: getattr(args, name) for name in TUNABLE})  # fmt: skip
+    if os.path.exists(args.output) and not args.overwrite:  # fail before the expensive part
+        raise FileExistsError(f"{args.output!r} already exists: pass --overwrite to replace it.")
     model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
     calibration_files, eval_files = split_files(text_files(args.calibration), args.eval_fraction, seed=config.seed)
     max_blocks = 8 * config.calibration_samples  # a pool to resample from at every inner step

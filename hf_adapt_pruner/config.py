@@ -41,7 +41,19 @@ class PrunerConfig:
         group_importance (`str`, defaults to `"taylor"`):
             Score of a head or an MLP channel: `taylor` (sum of |w * dL/dw| over the group), `magnitude`
             (sum of |w|) or `random`.
-        ...
+        target_tolerance (`float`, defaults to `0.005`): accepted relative miss of the final count; a larger miss
+            is logged with its reason (unit sizes, floors).
+        prune_attention, prune_mlp (`bool`, default `True`): remove whole attention heads / MLP channels.
+        attention_unit (`str`, defaults to `"kv_group"`): under GQA, remove a key/value head with the query heads
+            that share it (`kv_group`, as the paper's code; shrinks the KV cache) or one query head from every kv
+            group at a time (`query_head`).
+        min_heads, min_kv_heads, min_intermediate_size (`int`): floors per layer. round_to (`int`, default 8):
+            kept MLP channels are a multiple of it. max_layer_sparsity (`float`, default 0.99): the paper's clamp.
+        inner_steps (`int`, defaults to `50`): inner iterations per prune event (importances re-measured at each).
+        calibration_samples, calibration_seq_len, calibration_batch_size (`int`): calibration per inner step.
+        seed (`int`): calibration sampling and random scores.
+        num_stages, data_split, recovery_fraction, importance_source, importance_window: the Adapt-Accel schedule
+            of `AdaptPrunerCallback` (see `hf_adapt_pruner.schedule` for a worked example).
 
     The per-layer schedule, as a worked example. Pruning a 30-layer model from 134.5 M to 94.2 M parameters
     (`target_ratio=0.7`) with `inner_steps=10`: 106.2 M of the parameters sit in decoder layers (prunable), so

@@ -52,3 +52,23 @@ def test_smollm2_one_shot_to_70_percent(tmp_path):
     assert config["model_type"] == "adapt_pruned_llama" and "quantization_config" not in config
     card = (output / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+
+
+def test_main_job_adapt_accel_smollm2(tmp_path):
+    """The README's main job at its defaults: 4 prune events while training, then a fresh-process reload."""
+    output = tmp_path / "smollm2-adapt-accel"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "adapt_accel_smollm2.py"), "--output", str(output)],
+        capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    print(json.dumps(summary, indent=2))
+    rows = {row["model"]: row for row in summary["results"]}
+    original, accel = rows["original"], rows["Adapt-Accel, 4 stages"]
+    target = round(original["params"] * 0.7)
+    assert abs(accel["params"] - target) / target <= 0.005
+    assert [s["step"] for s in summary["schedule"]] == sorted(s["step"] for s in summary["schedule"])
+    assert accel["perplexity"] < rows["one-shot, no training"]["perplexity"]
+    assert summary["sample"].strip()
+    assert json.loads((output / "config.json").read_text())["model_type"] == "adapt_pruned_llama"

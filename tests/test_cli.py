@@ -1,0 +1,53 @@
+"""`hf-adapt-pruner prune` end to end on a tiny model folder and a folder of text files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from hf_adapt_pruner.cli import main
+
+from tiny_models import VOCAB, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture
+def model_and_text(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model("qwen3", gqa_ratio=3).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    text_dir = tmp_path / "text"
+    text_dir.mkdir()
+    for i in range(10):  # whole files go to calibration or evaluation
+        words = " ".join(f"w{3 + (i * 7 + j * 13) % (VOCAB - 3)}" for j in range(400))
+        (text_dir / f"doc{i}.txt").write_text(words)
+    return model_dir, text_dir
+
+
+def test_cli_prunes_reports_and_saves(model_and_text, tmp_path, capsys):
+    model_dir, text_dir = model_and_text
+    output = tmp_path / "out"
+    code = main(["prune", str(model_dir), "--target-ratio", "0.7", "--calibration", str(text_dir), "--output",
+                 str(output), "--inner-steps", "3", "--calibration-samples", "8", "--calibration-seq-len", "32",
+                 "--round-to", "1", "--eval-blocks", "4", "--prompt", "w5 w6"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{\n") :])
+    assert abs(result["params_after"] / result["params_before"] - 0.7) < 0.01
+    assert result["perplexity_after"] > 0 and result["perplexity_before"] > 0
+    assert "| layer | importance |" in printed
+    model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == result["params_after"]
+    assert json.loads((output / "pruner_config.json").read_text())["inner_steps"] == 3
+
+
+def test_cli_reports_bad_input_without_a_traceback(model_and_text, tmp_path, capsys):
+    model_dir, text_dir = model_and_text
+    assert main(["prune", str(model_dir), "--target-ratio", "1.5", "--calibration", str(text_dir),
+                 "--output", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "target_ratio=1.5" in capsys.readouterr().err
+    (tmp_path / "exists").mkdir()
+    assert main(["prune", str(model_dir), "--target-ratio", "0.8", "--calibration", str(text_dir), "--output",
+                 str(tmp_path / "exists"), "--inner-steps", "1", "--eval-blocks", "0"]) == 2  # fmt: skip
+    assert "overwrite" in capsys.readouterr().err
