@@ -294,6 +294,7 @@ def push_pruned_to_hub(
             raise RuntimeError(
                 f"Pushing to {repo_id!r} failed ({hint}). Nothing local was changed. {error}"
             ) from error
-        except OSError as error:  # connection errors derive from OSError
-            raise RuntimeError(f"Pushing to {repo_id!r} failed: the Hub is unreachable ({error}).") from error
+        except Exception as error:  # connection errors come from the HTTP client (not OSError subclasses)
+            message = f"Pushing to {repo_id!r} failed: the Hub is unreachable or the transfer broke ({error!r})."
+            raise RuntimeError(message) from error
     return commit.commit_url if hasattr(commit, "commit_url") else str(commit)

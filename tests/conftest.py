@@ -2,9 +2,19 @@
 these variables at import time (see ../shared/hub-notes.md)."""
 
 import os
+import socket
 import tempfile
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Every Hub request of the suite goes to 127.0.0.1 (the `fake_hub` fixture serves there; otherwise it is refused).
+HUB_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_adapt_pruner_tests_hf_home_"))
@@ -14,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from fake_hub import FakeHub
 from tiny_models import MODEL_TYPES, tiny_model
 
 
@@ -23,6 +34,14 @@ torch.set_num_threads(2)
 @pytest.fixture(params=MODEL_TYPES)
 def model_type(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def fake_hub():
+    """A Hub stand-in at HF_ENDPOINT for the duration of one test; it must record no protocol error."""
+    with FakeHub(port=HUB_PORT, token="hf_test") as hub:
+        yield hub
+    assert hub.errors == []
 
 
 @pytest.fixture
