@@ -181,7 +181,7 @@ class AdaptivePruner:
         bar.close()
         self._record_event(before, kept, params)
         report = self._report(before, params_before, target_params, importance, step, time.perf_counter() - start)
-        self._check_tolerance(report)
+        self._log_outcome(report)
         return report
 
     def _apply(
@@ -206,14 +206,14 @@ class AdaptivePruner:
             for i, (k, old) in enumerate(zip(kept, before))
             if old != self.layout.layer(i)
         }
+        if not changed and getattr(self.model.config, LAYOUT_KEY, None) is None:
+            return  # nothing pruned yet: the model stays a stock model
         if changed:
             self.layout.history.append({"num_parameters": params, "layers": changed})
         self.layout.sparsity = self.sparsity.tolist()
-        config = self.model.config
-        config.head_dim = self.head_dim
-        setattr(config, LAYOUT_KEY, self.layout.to_dict())
-        if changed:
-            mark_pruned(self.model)
+        self.model.config.head_dim = self.head_dim
+        setattr(self.model.config, LAYOUT_KEY, self.layout.to_dict())
+        mark_pruned(self.model)
 
     def _report(
         self,
@@ -237,7 +237,7 @@ class AdaptivePruner:
             wall_time_s=seconds,
         )
 
-    def _check_tolerance(self, report: PruneReport) -> None:
+    def _log_outcome(self, report: PruneReport) -> None:
         for line in report.describe_changes():
             logger.info(line)
         if report.params_after > report.target_params and report.params_before > report.target_params:

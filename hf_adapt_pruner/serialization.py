@@ -24,6 +24,7 @@ from transformers.utils import logging
 from .architectures import get_architecture
 from .config import PrunerConfig
 from .layout import LAYOUT_KEY, PrunedLayout
+from .pruner import count_parameters
 from .remote_code import base_model_type, clear_dequantized_gguf_marker, mark_pruned, pruned_classes
 
 
@@ -140,7 +141,7 @@ def _model_card(
         base_model=base_model,
         base_model_type=base_model_type(config.model_type),
         params_before=layout.base.get("num_parameters", 0),
-        params_after=sum(p.numel() for p in model.parameters()),
+        params_after=count_parameters(model),
         layers=[
             {"index": i, "heads": h, "kv_heads": kv, "intermediate": m}
             for i, (h, kv, m) in enumerate(

@@ -176,6 +176,7 @@ def test_target_at_or_above_size_changes_nothing(tiny_llama):
     report = prune_model(tiny_llama, PrunerConfig(target_ratio=1.0), calibration_blocks(), progress=False)
     assert report.params_after == report.params_before
     assert torch.equal(logits(tiny_llama), before)
+    assert not hasattr(tiny_llama.config, "pruned_layout")  # still a stock model: save_pruned does a plain save
 
 
 def test_importances_are_centred_and_scaled(tiny_llama):
