@@ -117,7 +117,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._guard_checkpoint_loading(model)
         self._progress = not args.disable_tqdm
         self._pruner = AdaptivePruner(model, self.config)  # unsupported model types fail here
-        self._restore_or_build_schedule(state, model)
+        self._restore_or_build_schedule(state)
         if self.schedule:
             self._pruner.check_target(self.schedule[-1].target_params)
         events = ", ".join(f"step {s.step} -> {s.target_params:,}" for s in self.schedule)
@@ -126,7 +126,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             self._prune(state, optimizer)  # an event at step 0 (calibration-based importance)
         self._update_window(state, model)
 
-    def _restore_or_build_schedule(self, state, model) -> None:
+    def _restore_or_build_schedule(self, state) -> None:
         stored = (state.stateful_callbacks or {}).get(type(self).__name__, {})
         stored = stored[0] if isinstance(stored, list) else stored
         schedule = stored.get("attributes", {}).get("schedule") if isinstance(stored, dict) else None
@@ -160,7 +160,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             shapes = {name: tuple(t.shape) for name, t in module.state_dict().items()}
             for key, value in state_dict.items():
                 name = key[len(prefix) :] if key.startswith(prefix) else key
-                if name in shapes and tuple(value.shape) != shapes[name] and hasattr(value, "shape"):
+                if name in shapes and hasattr(value, "shape") and tuple(value.shape) != shapes[name]:
                     raise ValueError(
                         f"The checkpoint's {name} has shape {tuple(value.shape)} but the model's is {shapes[name]}: "
                         "the checkpoint comes from a pruned run. Resume with the checkpoint's model: "
