@@ -1,6 +1,7 @@
-"""`hf-adapt-pruner`: command-line one-shot pruning.
+"""`hf-adapt-pruner`: command-line one-shot pruning and evaluation.
 
 hf-adapt-pruner prune MODEL_DIR --target-ratio 0.7 --calibration TEXT_DIR --output OUT_DIR [--gguf-file F]
+hf-adapt-pruner eval MODEL_DIR --text TEXT_DIR [--blocks 32] [--seq-len 128] [--gguf-file F]
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from transformers.utils import logging
 
 from .config import PrunerConfig
 from .data import read_texts, split_files, text_files, token_blocks
-from .evaluation import generate_sample, perplexity
-from .pruner import prune_model
+from .evaluation import generate_sample, generation_speed, perplexity
+from .pruner import count_parameters, prune_model
 from .serialization import load_for_pruning, save_pruned
 
 
@@ -45,6 +46,31 @@ def _add_prune_parser(subparsers) -> None:
     for name in TUNABLE:
         f = fields[name]
         p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.metadata["help"])
+
+
+def _add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="Perplexity on a text file or folder, and generation speed.")
+    p.add_argument("model", help="Model folder (pruned, stock, or holding a GGUF file with --gguf-file).")
+    p.add_argument("--gguf-file", help="GGUF file name inside MODEL (dequantized on load).")
+    p.add_argument("--text", required=True, help="A text file or a folder of .txt/.md/.rst files.")
+    p.add_argument("--blocks", type=int, default=32, help="Token blocks scored for perplexity.")
+    p.add_argument("--seq-len", type=int, default=128, help="Tokens per block.")
+    p.add_argument("--new-tokens", type=int, default=32, help="Tokens generated for the speed measurement (0: skip).")
+
+
+def _eval(args: argparse.Namespace) -> dict:
+    model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
+    blocks = token_blocks(tokenizer, read_texts(text_files(args.text)), args.seq_len, args.blocks)
+    result = {
+        "model": args.model,
+        "parameters": count_parameters(model),
+        "perplexity": perplexity(model, blocks, progress=True),
+        "blocks": len(blocks),
+        "seq_len": args.seq_len,
+    }
+    if args.new_tokens:
+        result.update(generation_speed(model, blocks[:1, :32], new_tokens=args.new_tokens))
+    return result
 
 
 def _prune(args: argparse.Namespace) -> dict:
@@ -77,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-adapt-pruner", description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_prune_parser(subparsers)
+    _add_eval_parser(subparsers)
     args = parser.parse_args(argv)
     logger = logging.get_logger("hf_adapt_pruner")
     logger.setLevel("INFO")
     logger.addHandler(logging_module.StreamHandler(sys.stderr))
     torch.manual_seed(0)
     try:
-        result = _prune(args)
+        result = _prune(args) if args.command == "prune" else _eval(args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"hf-adapt-pruner: error: {error}", file=sys.stderr)
         return 2

@@ -51,3 +51,13 @@ def test_cli_reports_bad_input_without_a_traceback(model_and_text, tmp_path, cap
     assert main(["prune", str(model_dir), "--target-ratio", "0.8", "--calibration", str(text_dir), "--output",
                  str(tmp_path / "exists"), "--inner-steps", "1", "--eval-blocks", "0"]) == 2  # fmt: skip
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_cli_eval_reports_perplexity_and_speed(model_and_text, capsys):
+    model_dir, text_dir = model_and_text
+    assert main(["eval", str(model_dir), "--text", str(text_dir), "--blocks", "4", "--seq-len", "32",
+                 "--new-tokens", "8"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{\n") :])
+    assert result["blocks"] == 4 and result["perplexity"] > 1
+    assert result["generate_tokens_per_s"] > 0 and result["forward_ms"] > 0
