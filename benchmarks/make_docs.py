@@ -1,0 +1,123 @@
+"""Regenerate docs/benchmarks.md and its PNG plots from benchmarks/results/*.json (one command, no measuring).
+
+python benchmarks/make_docs.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs"
+
+
+def load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def header(result: dict) -> str:
+    m = result["machine"]
+    return f"_{result['model']}; measured {result['date']} on {m['cpus']} CPU threads, torch {m['torch']}, " \
+           f"transformers {m['transformers']}._\n"  # fmt: skip
+
+
+def one_shot_section(result: dict, docs: Path) -> list[str]:
+    rows = result["rows"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows[1:]))
+    ratios = sorted({r["ratio"] for r in rows[1:]}, reverse=True)
+    table = {(r["ratio"], r["mode"]): r for r in rows[1:]}
+    lines = ["## One-shot quality (no training)", "", header(result),
+             f"Held-out perplexity ({result['eval_tokens']} tokens of files never used for calibration; original: "
+             f"{rows[0]['perplexity']:.2f}); {result['inner_steps']} inner steps, {result['calibration']}.", "",
+             "| keep | " + " | ".join(modes) + " | adaptive / uniform |",
+             "|---:|" + "---:|" * (len(modes) + 1)]  # fmt: skip
+    for ratio in ratios:
+        cells = [f"{table[(ratio, m)]['perplexity']:.2f}" for m in modes]
+        lines.append(f"| {ratio} | " + " | ".join(cells) + f" | {result['adaptive_over_uniform'][str(ratio)]:.3f} |")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in modes:
+        ax.plot(ratios, [table[(r, mode)]["perplexity"] for r in ratios], marker="o", label=mode)
+    ax.axhline(rows[0]["perplexity"], color="gray", linestyle="--", label="original")
+    ax.set(xlabel="fraction of parameters kept", ylabel="held-out perplexity (log)", yscale="log",
+           title="One-shot Adapt-Pruner, SmolLM2-135M")  # fmt: skip
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(docs / "one_shot_quality.png", dpi=120)
+    plt.close(fig)
+    return [*lines, "", "![one-shot quality](one_shot_quality.png)", ""]
+
+
+def speed_section(result: dict, docs: Path) -> list[str]:
+    lines = ["## Inference speed", "", header(result),
+             f"Batch 1, {result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens (greedy, KV cache), "
+             f"median of {result['repeats']}; pruned models loaded with `from_pretrained(trust_remote_code=True)`.",
+             "",
+             "| model | parameters | forward ms | generate tok/s | forward speed-up | generate speed-up | ideal |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['params']:,} ({r['param_ratio']:.1%}) | {r['forward_ms']:.1f} | "
+                     f"{r['generate_tokens_per_s']:.1f} | {r['forward_speedup']:.2f}x | "
+                     f"{r['generate_speedup']:.2f}x | {r['ideal_speedup']:.2f}x |")  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [r["model"] for r in result["rows"]]
+    ax.barh(names, [r["generate_tokens_per_s"] for r in result["rows"]])
+    ax.set(xlabel="generate tokens/s (batch 1, CPU)", title="Inference speed")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(docs / "inference_speed.png", dpi=120)
+    plt.close(fig)
+    return [*lines, "", "![inference speed](inference_speed.png)", ""]
+
+
+def overhead_section(result: dict, docs: Path) -> list[str]:
+    lines = ["## Callback overhead", "", header(result), f"Batch {result['batch']}. {result['note']}", "",
+             "| run | early step s | overhead | median step s | prune event cost (median steps) |",
+             "|---|---:|---:|---:|---|"]  # fmt: skip
+    for name, r in result["runs"].items():
+        cost = ", ".join(f"{c:.1f}" for c in r.get("event_cost_in_steps", [])) or "—"
+        lines.append(f"| {name} | {r['median_early_step_s']:.3f} | {r['early_step_overhead']:+.1%} | "
+                     f"{r['median_step_s']:.3f} | {cost} |")  # fmt: skip
+    return [*lines, ""]
+
+
+def memory_section(result: dict, docs: Path) -> list[str]:
+    gib = 1024**3
+    return ["## Memory of a prune event", "", header(result),
+            f"Calibration batch {result['calibration_batch']}; model {result['model_bytes'] / gib:.2f} GiB (fp32). "
+            f"RSS before {result['rss_before_bytes'] / gib:.2f} GiB, peak during the event "
+            f"{result['rss_peak_bytes'] / gib:.2f} GiB: **+{result['peak_over_before_in_model_sizes']:.2f} model "
+            "sizes** (gradients of the pruned projections, activations of the calibration batch, sliced copies).",
+            ""]  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--docs", type=Path, default=DOCS)
+    args = p.parse_args()
+    args.docs.mkdir(parents=True, exist_ok=True)
+    lines = ["# Benchmarks", "",
+             "Generated by `python benchmarks/make_docs.py` from `benchmarks/results/*.json`; each script in "
+             "`benchmarks/` prints and writes its JSON (`--smoke` runs a tiny model, as CI does).", ""]  # fmt: skip
+    for name, section in (("one_shot_quality", one_shot_section), ("inference_speed", speed_section),
+                          ("callback_overhead", overhead_section), ("memory", memory_section)):  # fmt: skip
+        result = load(args.results, name)
+        lines += section(result, args.docs) if result else [f"## {name}", "", "_Not measured yet._", ""]
+    (args.docs / "benchmarks.md").write_text("\n".join(lines))
+    print(f"wrote {args.docs / 'benchmarks.md'}")
+
+
+if __name__ == "__main__":
+    main()

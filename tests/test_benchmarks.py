@@ -1,0 +1,34 @@
+"""Every benchmark script runs end to end in its --smoke variant (tiny model) and writes JSON; make_docs renders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    ("script", "key"),
+    [("one_shot_quality", "adaptive_over_uniform"), ("inference_speed", "rows"), ("callback_overhead", "runs"),
+     ("memory", "rss_peak_bytes")],
+)  # fmt: skip
+def test_benchmark_smoke(script, key, tmp_path):
+    out = tmp_path / f"{script}.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["smoke"] and key in payload
+
+
+def test_make_docs_renders_the_committed_results(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "make_docs.py"), "--docs", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "benchmarks.md").read_text().startswith("# Benchmarks")
