@@ -45,6 +45,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def module_widths(lm: LayerModules, head_dim: int) -> LayerWidths:
+    """A layer's widths as its live modules have them."""
+    heads, kv_heads = lm.q_proj.out_features // head_dim, lm.k_proj.out_features // head_dim
+    return LayerWidths(heads, kv_heads, lm.gate_proj.out_features)
+
+
 def current_layout(model: nn.Module) -> PrunedLayout:
     """The model's layout: read from its config after a prune event, else built from its uniform config."""
     config = model.config
@@ -54,10 +60,7 @@ def current_layout(model: nn.Module) -> PrunedLayout:
     spec = get_architecture(base_model_type(config.model_type))
     layers = layer_modules(model, spec)
     head_dim = int(layers[0].attention.head_dim)
-    widths = [
-        (lm.q_proj.out_features // head_dim, lm.k_proj.out_features // head_dim, lm.gate_proj.out_features)
-        for lm in layers
-    ]
+    widths = [module_widths(lm, head_dim) for lm in layers]
     base = {
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
@@ -66,9 +69,9 @@ def current_layout(model: nn.Module) -> PrunedLayout:
     }
     return PrunedLayout(
         head_dim=head_dim,
-        num_attention_heads=[w[0] for w in widths],
-        num_key_value_heads=[w[1] for w in widths],
-        intermediate_size=[w[2] for w in widths],
+        num_attention_heads=[w.num_attention_heads for w in widths],
+        num_key_value_heads=[w.num_key_value_heads for w in widths],
+        intermediate_size=[w.intermediate_size for w in widths],
         base=base,
         sparsity=[0.0] * len(layers),
     )
@@ -112,11 +115,7 @@ class AdaptivePruner:
 
     def _check_layout_matches_modules(self) -> None:
         for lm in self.layers:
-            actual = (
-                lm.q_proj.out_features // self.head_dim,
-                lm.k_proj.out_features // self.head_dim,
-                lm.gate_proj.out_features,
-            )
+            actual = module_widths(lm, self.head_dim).as_tuple()
             if actual != self.layout.layer(lm.index).as_tuple():
                 raise ValueError(
                     f"layer {lm.index}: the modules have (heads, kv heads, intermediate) = {actual} but "
