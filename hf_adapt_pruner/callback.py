@@ -124,7 +124,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         logger.info(f"Adapt-Accel schedule: {events}")
         if self.events_done < len(self.schedule) and self.schedule[self.events_done].step <= state.global_step:
             self._prune(state, optimizer)  # an event at step 0 (calibration-based importance)
-        self._update_window(state, model)
+        self._update_window(state)
 
     def _restore_or_build_schedule(self, state) -> None:
         stored = (state.stateful_callbacks or {}).get(type(self).__name__, {})
@@ -175,7 +175,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
     def _next_stage(self) -> Stage | None:
         return self.schedule[self.events_done] if self.events_done < len(self.schedule) else None
 
-    def _update_window(self, state, model) -> None:
+    def _update_window(self, state) -> None:
         """Open the window `importance_window` steps before the next event (training-based importance only)."""
         stage = self._next_stage()
         in_window = (
@@ -187,7 +187,12 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             layers = [lm.layer for lm in self._pruner.layers]
             self._collector = LayerSimilarityCollector(layers, self.config.layer_importance).__enter__()
             self._scores = None
-        elif not in_window and self._collector is not None:
+        elif not in_window:
+            self._close_window()
+
+    def _close_window(self) -> None:
+        """Remove the forward hooks; the accumulated Taylor scores are kept until the event uses them."""
+        if self._collector is not None:
             self._collector.__exit__(None, None, None)
             self._collector = None
 
@@ -197,12 +202,12 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         step_scores = [group_scores(lm, self._pruner.head_dim, "taylor") for lm in self._pruner.layers]
         self._scores = step_scores if self._scores is None else [a + b for a, b in zip(self._scores, step_scores)]
 
-    def on_step_end(self, args, state, control, optimizer=None, model=None, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         stage = self._next_stage()
         if stage is not None and state.global_step >= stage.step:
             self._prune(state, optimizer)
             control.should_log = True
-        self._update_window(state, model)
+        self._update_window(state)
         return control
 
     # --- the prune event --------------------------------------------------------------------------------------
@@ -228,9 +233,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         report = self._pruner.prune_to(
             stage.target_params, self._scorer(), optimizer=_torch_optimizer(optimizer), progress=False
         )
-        if self._collector is not None:
-            self._collector.__exit__(None, None, None)
-            self._collector = None
+        self._close_window()
         self._scores = None
         self.events_done += 1
         self.reports.append(report)
@@ -260,6 +263,4 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._pending_logs = {}
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._collector is not None:
-            self._collector.__exit__(None, None, None)
-            self._collector = None
+        self._close_window()
