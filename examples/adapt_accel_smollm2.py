@@ -22,7 +22,7 @@ import sys
 import torch
 from transformers import Trainer, TrainingArguments
 
-from hf_adapt_pruner import AdaptPrunerCallback, PrunerConfig, prune_model, save_pruned
+from hf_adapt_pruner import AdaptPrunerCallback, PrunerConfig, count_parameters, prune_model, save_pruned
 from hf_adapt_pruner.data import read_texts, split_files, text_files, token_blocks
 from hf_adapt_pruner.evaluation import perplexity
 from hf_adapt_pruner.serialization import load_for_pruning
@@ -71,7 +71,7 @@ train_blocks = token_blocks(
     tokenizer, read_texts(train_files), args.seq_len, max_blocks=args.max_steps * args.batch_size
 )
 eval_blocks = token_blocks(tokenizer, read_texts(eval_files), args.seq_len, max_blocks=args.eval_blocks)
-results = [("original", sum(p.numel() for p in model.parameters()), perplexity(model, eval_blocks))]
+results = [("original", count_parameters(model), perplexity(model, eval_blocks))]
 
 
 def train(model, callbacks):
@@ -100,15 +100,13 @@ config = PrunerConfig(target_ratio=args.target_ratio, num_stages=args.num_stages
                       calibration_seq_len=args.seq_len)  # fmt: skip
 one_shot = copy.deepcopy(model)
 prune_model(one_shot, config, train_blocks[:256], progress=False)
-results.append(
-    ("one-shot, no training", sum(p.numel() for p in one_shot.parameters()), perplexity(one_shot, eval_blocks))
-)
+results.append(("one-shot, no training", count_parameters(one_shot), perplexity(one_shot, eval_blocks)))
 del one_shot
 
 # 3. Adapt-Accel: the same training with the callback; importance comes from the training gradients.
 callback = AdaptPrunerCallback(config)
 model = train(model, callbacks=[callback])
-results.append((f"Adapt-Accel, {args.num_stages} stages", sum(p.numel() for p in model.parameters()),
+results.append((f"Adapt-Accel, {args.num_stages} stages", count_parameters(model),
                 perplexity(model, eval_blocks)))  # fmt: skip
 
 # 4. Save, reload in a fresh process through the written remote code, and generate.
