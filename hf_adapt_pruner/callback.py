@@ -117,6 +117,13 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._guard_checkpoint_loading(model)
         self._progress = not args.disable_tqdm
         self._pruner = AdaptivePruner(model, self.config)  # unsupported model types fail here
+        frozen = [p.path for lm in self._pruner.layers[:1] for p in lm.pruned if not p.module.weight.requires_grad]
+        if self.config.importance_source == "training" and self.config.group_importance == "taylor" and frozen:
+            raise ValueError(
+                f"importance_source='training' reads the gradients of the pruned weights, but {frozen[0]} is frozen "
+                "(as under LoRA). Use importance_source='calibration' with calibration_data, which computes them on "
+                "calibration batches at each event."
+            )
         self._restore_or_build_schedule(state)
         if self.schedule:
             self._pruner.check_target(self.schedule[-1].target_params)

@@ -16,6 +16,7 @@ import sys
 import torch
 from transformers.utils import logging
 
+from .architectures import architecture_table
 from .config import PrunerConfig
 from .data import read_texts, split_files, text_files, token_blocks
 from .evaluation import generate_sample, generation_speed, perplexity
@@ -104,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_prune_parser(subparsers)
     _add_eval_parser(subparsers)
+    subparsers.add_parser("architectures", help="Print the supported architectures as a Markdown table.")
     args = parser.parse_args(argv)
+    if args.command == "architectures":
+        print(architecture_table(), end="")
+        return 0
     logger = logging.get_logger("hf_adapt_pruner")
     logger.setLevel("INFO")
     logger.addHandler(logging_module.StreamHandler(sys.stderr))

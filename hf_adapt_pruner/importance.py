@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architectures import LayerModules
+from .architectures import LayerModules, PrunedModule
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,33 +115,34 @@ class GroupScores:
         return GroupScores(self.q_heads[keep_q], self.kv_heads[keep_kv], self.channels[keep_channels])
 
 
-def _elementwise(linear: nn.Linear, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-element saliency of a linear layer's weight and bias, in float32."""
-
-    def saliency(param: torch.Tensor) -> torch.Tensor:
-        w = param.detach().float()
-        if metric == "magnitude":
-            return w.abs()
-        if param.grad is None:
-            raise RuntimeError(
-                "Taylor importance needs gradients: run a backward pass of the LM loss before scoring "
-                "(prune_model does this on the calibration data)."
-            )
-        return (w * param.grad.detach().float()).abs()
-
-    bias = saliency(linear.bias) if linear.bias is not None else None
-    return saliency(linear.weight), bias
+def _effective_weight(pruned: PrunedModule) -> torch.Tensor:
+    """The weight the layer computes with: the base weight plus the deltas of its active LoRA adapters."""
+    weight = pruned.module.weight.detach().float()
+    adapter = pruned.adapter
+    if adapter is None or getattr(adapter, "merged", False) or getattr(adapter, "disable_adapters", False):
+        return weight
+    for name in adapter.active_adapters:
+        if name in adapter.lora_A:
+            weight = weight + adapter.get_delta_weight(name).detach().float()
+    return weight
 
 
-def _row_sums(linear: nn.Linear, metric: str) -> torch.Tensor:
-    weight, bias = _elementwise(linear, metric)
-    rows = weight.sum(dim=1)  # (out,)
-    return rows + bias if bias is not None else rows
-
-
-def _column_sums(linear: nn.Linear, metric: str) -> torch.Tensor:
-    weight, _ = _elementwise(linear, metric)  # the output bias belongs to no group
-    return weight.sum(dim=0)  # (in,)
+def _entry_saliency(pruned: PrunedModule, metric: str) -> torch.Tensor:
+    """Saliency summed per entry of the pruned dimension (weight, plus bias along dim 0), in float32."""
+    total = None
+    for param, dim in pruned.parameters():
+        w = _effective_weight(pruned) if param is pruned.module.weight else param.detach().float()
+        if metric == "taylor":
+            if param.grad is None:
+                raise RuntimeError(
+                    f"Taylor importance needs gradients of {pruned.path}: run a backward pass of the LM loss before "
+                    "scoring (prune_model does this on the calibration data; with frozen weights, as under LoRA, use "
+                    "importance_source='calibration')."
+                )
+            w = w * param.grad.detach().float()
+        entries = w.abs().sum(dim=1 - dim) if w.dim() == 2 else w.abs()
+        total = entries if total is None else total + entries
+    return total
 
 
 def group_scores(
@@ -149,28 +150,26 @@ def group_scores(
 ) -> GroupScores:
     """Score every query head, kv head and MLP channel of one layer.
 
-    A query head couples `head_dim` rows of q_proj with `head_dim` columns of o_proj; a kv head couples
-    `head_dim` rows of k_proj and of v_proj; an MLP channel couples a row of gate_proj and of up_proj with a
-    column of down_proj. `taylor` sums |w * grad| and `magnitude` sums |w| over every weight of the group.
+    A query head couples its `head_dim` rows of the query projection with `head_dim` columns of the output
+    projection (and of a full-width query norm); a kv head its rows of the key and value projections; an MLP
+    channel a row of the gate and up projections and a column of the down projection. Fused projections are split
+    block by block. `taylor` sums |w * grad| and `magnitude` sums |w| over every weight of the group.
     """
-    heads = modules.q_proj.out_features // head_dim
-    kv_heads = modules.k_proj.out_features // head_dim
-    channels = modules.gate_proj.out_features
+    heads, kv_heads, channels = modules.widths(head_dim)
     if metric == "random":
         return GroupScores(
             torch.rand(heads, generator=generator, dtype=torch.float64),
             torch.rand(kv_heads, generator=generator, dtype=torch.float64),
             torch.rand(channels, generator=generator, dtype=torch.float64),
         )
-    q = _row_sums(modules.q_proj, metric) + _column_sums(modules.o_proj, metric)  # (heads * head_dim,)
-    kv = _row_sums(modules.k_proj, metric) + _row_sums(modules.v_proj, metric)  # (kv_heads * head_dim,)
-    mlp = (
-        _row_sums(modules.gate_proj, metric)
-        + _row_sums(modules.up_proj, metric)
-        + _column_sums(modules.down_proj, metric)
-    )
+    sizes = {"q": heads * head_dim, "kv": kv_heads * head_dim, "mlp": channels}
+    sums = {kind: 0.0 for kind in sizes}
+    for pruned in modules.pruned:
+        entries = _entry_saliency(pruned, metric)
+        for block, part in zip(pruned.blocks, entries.split([sizes[b] for b in pruned.blocks])):
+            sums[block] = sums[block] + part
     return GroupScores(
-        q.view(heads, head_dim).sum(dim=1).double().cpu(),
-        kv.view(kv_heads, head_dim).sum(dim=1).double().cpu(),
-        mlp.double().cpu(),
+        sums["q"].view(heads, head_dim).sum(dim=1).double().cpu(),
+        sums["kv"].view(kv_heads, head_dim).sum(dim=1).double().cpu(),
+        sums["mlp"].double().cpu(),
     )

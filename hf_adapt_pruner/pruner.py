@@ -20,15 +20,16 @@ from .allocation import (
     select_heads,
     select_top,
 )
-from .architectures import LayerModules, get_architecture, layer_modules
+from .architectures import LayerModules, get_architecture, layer_modules, unwrap_peft
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
 from .importance import GroupScores
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
+from .modeling.modeling_adapt_pruner import pruned_parameters
 from .remote_code import base_model_type, mark_pruned
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer
-from .surgery import prune_layer_
+from .surgery import lora_factors, prune_layer_
 
 
 logger = logging.get_logger(__name__)
@@ -47,19 +48,32 @@ def count_parameters(model: nn.Module) -> int:
 
 def module_widths(lm: LayerModules, head_dim: int) -> LayerWidths:
     """A layer's widths as its live modules have them."""
-    heads, kv_heads = lm.q_proj.out_features // head_dim, lm.k_proj.out_features // head_dim
-    return LayerWidths(heads, kv_heads, lm.gate_proj.out_features)
+    return LayerWidths(*lm.widths(head_dim))
+
+
+def unit_costs(lm: LayerModules, head_dim: int) -> dict[str, int]:
+    """Parameters one query head, kv head and MLP channel hold in this layer (LoRA factors included)."""
+    costs = {"q": 0, "kv": 0, "mlp": 0}
+    for pruned in lm.pruned:
+        for module in (pruned.module, *lora_factors(pruned)):
+            for name, dim in pruned_parameters(module, pruned.dim):
+                param = getattr(module, name)
+                per_entry = param.numel() // param.shape[dim]
+                for block in pruned.blocks:
+                    costs[block] += per_entry * (1 if block == "mlp" else head_dim)
+    return costs
 
 
 def current_layout(model: nn.Module) -> PrunedLayout:
     """The model's layout: read from its config after a prune event, else built from its uniform config."""
+    model = unwrap_peft(model)
     config = model.config
     stored = getattr(config, LAYOUT_KEY, None)
     if stored is not None:
         return PrunedLayout.from_dict(stored, num_layers=config.num_hidden_layers)
     spec = get_architecture(base_model_type(config.model_type))
     layers = layer_modules(model, spec)
-    head_dim = int(layers[0].attention.head_dim)
+    head_dim = int(getattr(layers[0].attention, "head_dim", None) or config.head_dim)
     widths = [module_widths(lm, head_dim) for lm in layers]
     base = {
         "num_attention_heads": config.num_attention_heads,
@@ -89,7 +103,7 @@ class AdaptivePruner:
     """
 
     def __init__(self, model: nn.Module, config: PrunerConfig):
-        self.model = model
+        self.model = model = unwrap_peft(model)
         self.config = config
         self.spec = get_architecture(base_model_type(model.config.model_type))
         self.layers = layer_modules(model, self.spec)
@@ -101,16 +115,12 @@ class AdaptivePruner:
 
     # --- bookkeeping --------------------------------------------------------------------------------------------
     def _geometry(self, lm: LayerModules) -> LayerGeometry:
-        d, base = self.head_dim, self.layout.base
-
-        def with_bias(linear: nn.Linear) -> int:
-            return linear.in_features + (linear.bias is not None)
-
+        base, costs = self.layout.base, unit_costs(lm, self.head_dim)
         return LayerGeometry(
             base=LayerWidths(base["num_attention_heads"], base["num_key_value_heads"], base["intermediate_size"]),
-            q_head_cost=d * (with_bias(lm.q_proj) + lm.o_proj.out_features),
-            kv_head_cost=d * (with_bias(lm.k_proj) + with_bias(lm.v_proj)),
-            channel_cost=with_bias(lm.gate_proj) + with_bias(lm.up_proj) + lm.down_proj.out_features,
+            q_head_cost=costs["q"],
+            kv_head_cost=costs["kv"],
+            channel_cost=costs["mlp"],
         )
 
     def _check_layout_matches_modules(self) -> None:

@@ -9,7 +9,6 @@ files next to the weights and writes `auto_map` into config.json.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -48,18 +47,19 @@ def base_model_type(model_type: str) -> str:
 
 def render(base: str) -> dict[str, str]:
     """The two code files for a pruned model whose stock architecture is `base`."""
-    spec = get_architecture(base)
-    modules = {k: v for k, v in dataclasses.asdict(spec).items() if k != "model_type"}
+    table = get_architecture(base).modeling_table()
     templates = resources.files("hf_adapt_pruner.modeling")
     config_text = templates.joinpath(CONFIG_FILE).read_text(encoding="utf-8")
     config_text, n_base = re.subn(r'^BASE_MODEL_TYPE = "[^"]*"', f"BASE_MODEL_TYPE = {json.dumps(base)}", config_text,
                                   flags=re.M)  # fmt: skip
     modeling_text = templates.joinpath(MODELING_FILE).read_text(encoding="utf-8")
-    modules_literal = "MODULES = " + json.dumps(modules, indent=4) + "\n"
-    modeling_text, n_modules = re.subn(r"^MODULES = \{.*?^\}\n", lambda _: modules_literal, modeling_text,
-                                       flags=re.M | re.S)  # fmt: skip
-    if n_base != 1 or n_modules != 1:
-        raise RuntimeError("hf_adapt_pruner's modeling templates lost their BASE_MODEL_TYPE / MODULES lines.")
+    pruned = "".join(f"        {json.dumps(entry)},\n" for entry in table.pop("pruned"))
+    fields = "".join(f"    {json.dumps(k)}: {json.dumps(v)},\n" for k, v in table.items())
+    table_literal = f'ARCHITECTURE = {{\n{fields}    "pruned": [\n{pruned}    ],\n}}\n'
+    modeling_text, n_table = re.subn(r"^ARCHITECTURE = \{.*?^\}\n", lambda _: table_literal, modeling_text,
+                                     flags=re.M | re.S)  # fmt: skip
+    if n_base != 1 or n_table != 1:
+        raise RuntimeError("hf_adapt_pruner's modeling templates lost their BASE_MODEL_TYPE / ARCHITECTURE lines.")
     return {CONFIG_FILE: config_text, MODELING_FILE: modeling_text}
 
 

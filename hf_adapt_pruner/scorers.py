@@ -35,11 +35,7 @@ class StaticScorer:
 
 
 def prunable_parameters(layers: Sequence[LayerModules]) -> list[nn.Parameter]:
-    params = []
-    for lm in layers:
-        for linear in (lm.q_proj, lm.k_proj, lm.v_proj, lm.o_proj, lm.gate_proj, lm.up_proj, lm.down_proj):
-            params.extend(p for p in (linear.weight, linear.bias) if p is not None)
-    return params
+    return [param for lm in layers for pruned in lm.pruned for param, _ in pruned.parameters()]
 
 
 class CalibrationScorer:

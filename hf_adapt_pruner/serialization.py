@@ -24,6 +24,7 @@ from transformers.utils import logging
 from .architectures import get_architecture
 from .config import PrunerConfig
 from .layout import LAYOUT_KEY, PrunedLayout
+from .modeling.modeling_adapt_pruner import block_sizes
 from .pruner import count_parameters
 from .remote_code import base_model_type, clear_dequantized_gguf_marker, mark_pruned, pruned_classes
 
@@ -69,6 +70,12 @@ def save_pruned(
         license: the card's license, when known.
         repo_id: the id shown in the card's usage snippet (default: the folder name).
     """
+    if hasattr(model, "peft_config") or any(hasattr(m, "lora_A") for m in model.modules()):
+        raise TypeError(
+            "save_pruned saves a plain transformers model, but this one carries PEFT adapters. Merge them first "
+            "(model = peft_model.merge_and_unload()); to keep the adapter separate, save it with "
+            "peft_model.save_pretrained(dir) and the base with save_pruned(peft_model.unload(), ...)."
+        )
     target = Path(save_directory).absolute()
     if target.exists() and not (overwrite and target.is_dir()):
         raise FileExistsError(
@@ -183,17 +190,9 @@ def check_weights_match_layout(folder: str | os.PathLike) -> None:
     d = layout.head_dim
     for i in range(layout.num_layers):
         heads, kv, channels = layout.layer(i).as_tuple()
-        attn, mlp = f"{spec.layers}.{i}.{spec.attention}", f"{spec.layers}.{i}.{spec.mlp}"
-        expected = {
-            f"{attn}.{spec.q_proj}.weight": (0, heads * d),
-            f"{attn}.{spec.k_proj}.weight": (0, kv * d),
-            f"{attn}.{spec.v_proj}.weight": (0, kv * d),
-            f"{attn}.{spec.o_proj}.weight": (1, heads * d),
-            f"{mlp}.{spec.gate_proj}.weight": (0, channels),
-            f"{mlp}.{spec.up_proj}.weight": (0, channels),
-            f"{mlp}.{spec.down_proj}.weight": (1, channels),
-        }
-        for key, (dim, size) in expected.items():
+        for path, dim, blocks in spec.pruned_tensors():
+            key = f"{spec.layers}.{i}.{path}.weight"
+            size = sum(block_sizes(blocks, heads, kv, channels, d))
             if key not in shapes:
                 raise ValueError(f"layer {i}: tensor {key!r} is missing from the weights in {str(folder)!r}.")
             if shapes[key][dim] != size:

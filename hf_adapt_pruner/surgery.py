@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import LayerModules
-from .modeling.modeling_adapt_pruner import set_attention_head_counts
+from .architectures import LayerModules, PrunedModule
+from .modeling.modeling_adapt_pruner import pruned_parameters, set_attention_head_counts, sync_sizes
 
 
 def _check_index(index: torch.Tensor, size: int, what: str) -> torch.Tensor:
@@ -45,65 +45,36 @@ def slice_parameter_(
                 )
 
 
-def slice_linear_(
-    linear: nn.Linear, dim: int, index: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
-) -> None:
-    """Keep output rows (`dim=0`, bias too) or input columns (`dim=1`) of a linear layer."""
-    slice_parameter_(linear.weight, dim, index, optimizer)
-    if dim == 0:
-        if linear.bias is not None:
-            slice_parameter_(linear.bias, 0, index, optimizer)
-        linear.out_features = linear.weight.shape[0]
-    else:
-        linear.in_features = linear.weight.shape[1]
-
-
 def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row indices of whole heads: head `h` owns rows `h * head_dim ... (h + 1) * head_dim - 1`."""
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
 
 
-def prune_attention_heads_(
-    modules: LayerModules,
-    head_dim: int,
-    keep_q: torch.Tensor,
-    keep_kv: torch.Tensor,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> None:
-    """Keep query heads `keep_q` and kv heads `keep_kv` of one layer.
-
-    Query head `h` reads kv head `h // group` (the order `repeat_kv` uses), so the kept query heads must split
-    evenly over the kept kv heads and only read kept ones.
-    """
-    heads = modules.q_proj.out_features // head_dim
-    kv_heads = modules.k_proj.out_features // head_dim
-    keep_q = _check_index(keep_q, heads, f"layer {modules.index} query heads")
-    keep_kv = _check_index(keep_kv, kv_heads, f"layer {modules.index} kv heads")
-    group = heads // kv_heads
-    owners = keep_q // group
-    if len(keep_q) % len(keep_kv) or not torch.equal(owners, keep_kv.repeat_interleave(len(keep_q) // len(keep_kv))):
-        raise ValueError(
-            f"layer {modules.index}: kept query heads {keep_q.tolist()} do not split evenly over the kept kv heads "
-            f"{keep_kv.tolist()} (query head h reads kv head h // {group})."
-        )
-    q_rows, kv_rows = head_rows(keep_q, head_dim), head_rows(keep_kv, head_dim)
-    slice_linear_(modules.q_proj, 0, q_rows, optimizer)
-    slice_linear_(modules.k_proj, 0, kv_rows, optimizer)
-    slice_linear_(modules.v_proj, 0, kv_rows, optimizer)
-    slice_linear_(modules.o_proj, 1, q_rows, optimizer)
-    set_attention_head_counts(modules.attention, len(keep_q), len(keep_kv))
+def kept_entries(pruned: PrunedModule, sizes: dict[str, int], keep: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Indices along the pruned dimension of `pruned` to keep, block by block (`keep` is relative to each block)."""
+    parts, offset = [], 0
+    for block in pruned.blocks:
+        parts.append(keep[block] + offset)
+        offset += sizes[block]
+    return torch.cat(parts)
 
 
-def prune_mlp_channels_(
-    modules: LayerModules, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
-) -> None:
-    """Keep MLP channels `keep`: rows of gate_proj and up_proj, columns of down_proj."""
-    keep = _check_index(keep, modules.gate_proj.out_features, f"layer {modules.index} MLP channels")
-    slice_linear_(modules.gate_proj, 0, keep, optimizer)
-    slice_linear_(modules.up_proj, 0, keep, optimizer)
-    slice_linear_(modules.down_proj, 1, keep, optimizer)
-    if hasattr(modules.mlp, "intermediate_size"):
-        modules.mlp.intermediate_size = len(keep)
+def slice_module_(pruned: PrunedModule, index: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Keep `index` along the pruned dimension of one module, and of the LoRA adapters around it: `lora_B` rows
+    when outputs are pruned, `lora_A` columns when inputs are."""
+    for module in (pruned.module, *lora_factors(pruned)):
+        for name, dim in pruned_parameters(module, pruned.dim):
+            slice_parameter_(getattr(module, name), dim, index, optimizer)
+        sync_sizes(module)
+    if pruned.adapter is not None:
+        pruned.adapter.out_features, pruned.adapter.in_features = pruned.module.weight.shape
+
+
+def lora_factors(pruned: PrunedModule) -> list[nn.Linear]:
+    """The LoRA factors sharing the pruned dimension: every adapter's `lora_B` (outputs) or `lora_A` (inputs)."""
+    if pruned.adapter is None:
+        return []
+    return list((pruned.adapter.lora_B if pruned.dim == 0 else pruned.adapter.lora_A).values())
 
 
 def prune_layer_(
@@ -114,6 +85,27 @@ def prune_layer_(
     keep_channels: torch.Tensor,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Keep the given heads and channels of one decoder layer (indices relative to its current widths)."""
-    prune_attention_heads_(modules, head_dim, keep_q, keep_kv, optimizer)
-    prune_mlp_channels_(modules, keep_channels, optimizer)
+    """Keep query heads `keep_q`, kv heads `keep_kv` and MLP channels `keep_channels` of one decoder layer (indices
+    relative to its current widths), in every module that holds them (fused projections block by block).
+
+    Query head `h` reads kv head `h // group` (the order `repeat_kv` uses), so the kept query heads must split
+    evenly over the kept kv heads and only read kept ones.
+    """
+    heads, kv_heads, channels = modules.widths(head_dim)
+    keep_q = _check_index(keep_q, heads, f"layer {modules.index} query heads")
+    keep_kv = _check_index(keep_kv, kv_heads, f"layer {modules.index} kv heads")
+    keep_channels = _check_index(keep_channels, channels, f"layer {modules.index} MLP channels")
+    group = heads // kv_heads
+    owners = keep_q // group
+    if len(keep_q) % len(keep_kv) or not torch.equal(owners, keep_kv.repeat_interleave(len(keep_q) // len(keep_kv))):
+        raise ValueError(
+            f"layer {modules.index}: kept query heads {keep_q.tolist()} do not split evenly over the kept kv heads "
+            f"{keep_kv.tolist()} (query head h reads kv head h // {group})."
+        )
+    sizes = {"q": heads * head_dim, "kv": kv_heads * head_dim, "mlp": channels}
+    keep = {"q": head_rows(keep_q, head_dim), "kv": head_rows(keep_kv, head_dim), "mlp": keep_channels}
+    for pruned in modules.pruned:
+        slice_module_(pruned, kept_entries(pruned, sizes, keep), optimizer)
+    set_attention_head_counts(modules.attention, len(keep_q), len(keep_kv))
+    if hasattr(modules.mlp, "intermediate_size"):
+        modules.mlp.intermediate_size = len(keep_channels)

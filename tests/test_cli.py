@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -61,3 +64,14 @@ def test_cli_eval_reports_perplexity_and_speed(model_and_text, capsys):
     result = json.loads(printed[printed.index("{\n") :])
     assert result["blocks"] == 4 and result["perplexity"] > 1
     assert result["generate_tokens_per_s"] > 0 and result["forward_ms"] > 0
+
+
+def test_readme_architecture_table_is_the_registry():
+    """The README's table is `hf-adapt-pruner architectures` (a fresh process: tests may register more types)."""
+    printed = subprocess.run([sys.executable, "-m", "hf_adapt_pruner.cli", "architectures"], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- architectures:start -->\n")[1].split("<!-- architectures:end -->")[0]
+    assert block == printed, (
+        "README.md is stale: paste the output of `hf-adapt-pruner architectures` between the markers"
+    )

@@ -6,12 +6,27 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 
-MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
+MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite"]
 VOCAB = 128
+# What each type adds to the common tiny config, so the tests exercise what sets it apart from Llama.
+TYPE_OVERRIDES = {
+    "llama": {"attention_bias": True},  # q/k/v/o biases
+    "mistral": {"sliding_window": 4},  # shorter than the test sequences
+    "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},  # some layers slide
+    "gemma2": {"head_dim": 12, "query_pre_attn_scalar": 10, "sliding_window": 4},  # head_dim != hidden / heads
+    "gemma3_text": {"head_dim": 12, "query_pre_attn_scalar": 10, "sliding_window": 4, "attn_logit_softcapping": 20.0},
+    "granite": {
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.1,
+        "logits_scaling": 4.0,
+    },
+}
+TIED = ("llama", "qwen3", "gemma2", "gemma3_text")
 
 
 def tiny_config(model_type: str, gqa_ratio: int = 3, layers: int = 3, **overrides):
-    """hidden 48, 6 query heads of head_dim 8, `6 / gqa_ratio` kv heads, intermediate 96."""
+    """hidden 48, 6 query heads of head_dim 8 (12 for Gemma), `6 / gqa_ratio` kv heads, intermediate 96."""
     kwargs = dict(
         vocab_size=VOCAB,
         hidden_size=48,
@@ -21,13 +36,12 @@ def tiny_config(model_type: str, gqa_ratio: int = 3, layers: int = 3, **override
         num_key_value_heads=6 // gqa_ratio,
         head_dim=8,
         max_position_embeddings=128,
-        tie_word_embeddings=model_type in ("llama", "qwen3"),
+        tie_word_embeddings=model_type in TIED,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
-    if model_type == "llama":
-        kwargs["attention_bias"] = True  # exercise q/k/v/o biases on llama too
+    kwargs.update(TYPE_OVERRIDES.get(model_type, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -42,6 +56,8 @@ def tiny_model(model_type: str, gqa_ratio: int = 3, seed: int = 0, attn_implemen
                 param.normal_(0.0, 0.08)
             elif name.endswith("bias"):
                 param.normal_(0.0, 0.02)
+            elif "norm" in name:  # random norm weights, so slicing a full-width norm (OLMo 2) is checked
+                param.uniform_(0.5, 1.5)
     return model.eval()
 
 

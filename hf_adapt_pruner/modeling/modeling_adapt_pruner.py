@@ -5,25 +5,31 @@ decoder layer's projections are resized to the widths in `config.pruned_layout`,
 stock model's (PEFT target names, evaluation and conversion tools keep working).
 """
 
-import transformers
+import torch
 from torch import nn
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .configuration_adapt_pruner import BASE_MODEL_TYPE, LAYOUT_KEY, AdaptPrunedConfig
 
 
-# Attribute paths of the pruned modules (from hf_adapt_pruner's architecture table).
-MODULES = {
+# Where the pruned tensors of a decoder layer live (from hf_adapt_pruner's architecture table). Each entry of
+# "pruned" is [module path inside a decoder layer, dimension, blocks]: that dimension of the module's weight is the
+# concatenation of the blocks in order, "q" (query heads) and "kv" (key/value heads) of head_dim entries per head,
+# "mlp" of one entry per MLP channel. Pruned along dimension 0, the module's bias is resized with the weight.
+ARCHITECTURE = {
     "layers": "model.layers",
     "attention": "self_attn",
-    "q_proj": "q_proj",
-    "k_proj": "k_proj",
-    "v_proj": "v_proj",
-    "o_proj": "o_proj",
     "mlp": "mlp",
-    "gate_proj": "gate_proj",
-    "up_proj": "up_proj",
-    "down_proj": "down_proj",
+    "pruned": [
+        ["self_attn.q_proj", 0, ["q"]],
+        ["self_attn.k_proj", 0, ["kv"]],
+        ["self_attn.v_proj", 0, ["kv"]],
+        ["self_attn.o_proj", 1, ["q"]],
+        ["mlp.gate_proj", 0, ["mlp"]],
+        ["mlp.up_proj", 0, ["mlp"]],
+        ["mlp.down_proj", 1, ["mlp"]],
+    ],
 }
 PER_LAYER_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -57,6 +63,40 @@ def read_layout(config) -> dict:
     return layout
 
 
+def block_sizes(blocks, heads: int, kv_heads: int, channels: int, head_dim: int) -> list:
+    """Sizes of the blocks of one pruned dimension."""
+    sizes = {"q": heads * head_dim, "kv": kv_heads * head_dim, "mlp": channels}
+    return [sizes[block] for block in blocks]
+
+
+def pruned_parameters(module: nn.Module, dim: int) -> list:
+    """(name, dimension) of the module's tensors that a pruned `dim` of its weight resizes."""
+    names = [("weight", dim)]
+    if dim == 0 and isinstance(getattr(module, "bias", None), nn.Parameter):
+        names.append(("bias", 0))
+    return names
+
+
+def sync_sizes(module: nn.Module) -> None:
+    """Keep a module's size attributes in step with its weight."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+
+
+class LayerConfig:
+    """The model's config as one attention module sees it: the layer's own head counts, everything else shared
+    (some attention classes read the head count from `self.config`)."""
+
+    def __init__(self, config, **overrides):
+        self.__dict__["_shared"] = config
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        if name == "_shared":
+            raise AttributeError(name)
+        return getattr(self._shared, name)
+
+
 def set_attention_head_counts(attention: nn.Module, heads: int, kv_heads: int) -> None:
     """Update the run-time attributes an attention forward reads (names differ across models and versions)."""
     attention.num_key_value_groups = heads // kv_heads
@@ -65,48 +105,34 @@ def set_attention_head_counts(attention: nn.Module, heads: int, kv_heads: int) -
             setattr(attention, name, heads)
     if hasattr(attention, "num_key_value_heads"):
         attention.num_key_value_heads = kv_heads
-
-
-def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    if (linear.in_features, linear.out_features) == (in_features, out_features):
-        return linear
-    return nn.Linear(
-        in_features, out_features, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype
-    )
+    config = getattr(attention, "config", None)
+    if config is not None:
+        shared = config._shared if isinstance(config, LayerConfig) else config
+        attention.config = LayerConfig(shared, num_attention_heads=heads, num_key_value_heads=kv_heads)
 
 
 def apply_layout(model: nn.Module, layout: dict) -> None:
-    """Resize every decoder layer's projections to the layout's widths (weights are loaded afterwards)."""
-    head_dim = layout["head_dim"]
-    for i, layer in enumerate(model.get_submodule(MODULES["layers"])):
+    """Resize every decoder layer's pruned tensors to the layout's widths (weights are loaded afterwards)."""
+    for i, layer in enumerate(model.get_submodule(ARCHITECTURE["layers"])):
         heads, kv_heads, channels = (layout[key][i] for key in PER_LAYER_KEYS)
-        attention = layer.get_submodule(MODULES["attention"])
-        for name, in_dim, out_dim in (
-            ("q_proj", None, heads * head_dim),
-            ("k_proj", None, kv_heads * head_dim),
-            ("v_proj", None, kv_heads * head_dim),
-            ("o_proj", heads * head_dim, None),
-        ):
-            linear = getattr(attention, MODULES[name])
-            setattr(
-                attention,
-                MODULES[name],
-                _resized(linear, in_dim or linear.in_features, out_dim or linear.out_features),
-            )
-        set_attention_head_counts(attention, heads, kv_heads)
-        mlp = layer.get_submodule(MODULES["mlp"])
-        for name, in_dim, out_dim in (
-            ("gate_proj", None, channels),
-            ("up_proj", None, channels),
-            ("down_proj", channels, None),
-        ):
-            linear = getattr(mlp, MODULES[name])
-            setattr(mlp, MODULES[name], _resized(linear, in_dim or linear.in_features, out_dim or linear.out_features))
+        for path, dim, blocks in ARCHITECTURE["pruned"]:
+            module = layer.get_submodule(path)
+            size = sum(block_sizes(blocks, heads, kv_heads, channels, layout["head_dim"]))
+            for name, param_dim in pruned_parameters(module, dim):
+                param = getattr(module, name)
+                shape = list(param.shape)
+                shape[param_dim] = size
+                empty = torch.empty(shape, device=param.device, dtype=param.dtype)
+                setattr(module, name, nn.Parameter(empty, requires_grad=param.requires_grad))
+            sync_sizes(module)
+        set_attention_head_counts(layer.get_submodule(ARCHITECTURE["attention"]), heads, kv_heads)
+        mlp = layer.get_submodule(ARCHITECTURE["mlp"])
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = channels
 
 
-class AdaptPrunedForCausalLM(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[BASE_MODEL_TYPE])):
+# The *ForCausalLM class transformers has for BASE_MODEL_TYPE (or one registered with the auto classes).
+class AdaptPrunedForCausalLM(MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[BASE_MODEL_TYPE]]):
     config_class = AdaptPrunedConfig
 
     def __init__(self, config):
