@@ -1,0 +1,143 @@
+"""Pruning a peft `PeftModel`: LoRA adapters are sliced with the layers they wrap and keep training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from hf_adapt_pruner import PrunerConfig, count_parameters, load_pruned, prune_model, save_pruned
+from hf_adapt_pruner.architectures import get_architecture, layer_modules
+from hf_adapt_pruner.remote_code import base_model_type
+from hf_adapt_pruner.surgery import prune_layer_
+
+from tiny_models import VOCAB, calibration_blocks, tiny_model
+
+
+INPUT = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
+CONFIG = PrunerConfig(target_ratio=0.7, amplitude=0.1, inner_steps=3, calibration_samples=8, round_to=1)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+def lora_model(model_type: str) -> PeftModel:
+    """LoRA on every linear layer, with non-zero B so the adapters change the output."""
+    model = get_peft_model(
+        tiny_model(model_type, gqa_ratio=3), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def replay(model, layout: dict) -> None:
+    """Prune `model` (a plain transformers model) with the kept indices recorded in `layout`'s history."""
+    layers = layer_modules(model, get_architecture(base_model_type(model.config.model_type)))
+    for event in layout["history"]:
+        for index, kept in event["layers"].items():
+            keep = (torch.tensor(kept[k]) for k in ("q_heads", "kv_heads", "channels"))
+            prune_layer_(layers[int(index)], layout["head_dim"], *keep)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "olmo2"])  # plain, fused projections, full-width norms
+def test_merge_after_pruning_equals_pruning_the_merged_model(model_type):
+    peft_model = lora_model(model_type)
+    reference = copy.deepcopy(peft_model)
+    prune_model(peft_model, CONFIG, calibration_blocks(), progress=False)
+    layout = peft_model.config.pruned_layout
+    for lm in layer_modules(peft_model, get_architecture(model_type)):
+        for pruned in (p for p in lm.pruned if p.adapter is not None):  # OLMo 2's norms carry no adapter
+            a, b = pruned.adapter.lora_A["default"], pruned.adapter.lora_B["default"]
+            assert (b.out_features, a.in_features) == (pruned.module.out_features, pruned.module.in_features)
+    pruned_logits = logits(peft_model)
+    merged = peft_model.merge_and_unload()
+    torch.testing.assert_close(logits(merged), pruned_logits, atol=1e-5, rtol=0)
+
+    merged_first = reference.merge_and_unload()
+    replay(merged_first, layout)
+    torch.testing.assert_close(logits(merged), logits(merged_first), atol=1e-5, rtol=0)
+    assert count_parameters(merged) == count_parameters(merged_first)
+
+
+def test_adapters_keep_training_after_pruning():
+    torch.manual_seed(0)
+    peft_model = lora_model("llama").train()
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    batch = calibration_blocks(n=4, seq_len=16)
+
+    def step() -> float:
+        loss = peft_model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()
+
+    for _ in range(2):
+        step()
+    frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    prune_model(peft_model, CONFIG, calibration_blocks(), optimizer=optimizer, progress=False)
+    assert all(not p.requires_grad for n, p in peft_model.named_parameters() if n in frozen)  # restored
+    lora_b = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert optimizer.state[lora_b]["exp_avg"].shape == lora_b.shape  # Adam state sliced with the adapter
+    before = lora_b.detach().clone()
+    losses = [step() for _ in range(8)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert not torch.equal(lora_b, before)
+    for name, param in peft_model.named_parameters():
+        if name in frozen and param.shape == frozen[name].shape:
+            assert torch.equal(param, frozen[name]), name  # base weights stay frozen
+
+
+def test_adapter_and_pruned_base_save_and_load_separately(tmp_path):
+    peft_model = lora_model("qwen2")
+    prune_model(peft_model, CONFIG, calibration_blocks(), progress=False)
+    expected = logits(peft_model)
+    with pytest.raises(TypeError, match="merge_and_unload"):
+        save_pruned(peft_model, tmp_path / "refused")
+    peft_model.save_pretrained(tmp_path / "adapter")
+    save_pruned(peft_model.unload(), tmp_path / "base")
+    reloaded = PeftModel.from_pretrained(load_pruned(tmp_path / "base"), tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(reloaded), expected, atol=1e-6, rtol=0)
+
+
+def test_training_importance_with_frozen_weights_is_refused_before_training(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_adapt_pruner import AdaptPrunerCallback
+
+    peft_model = lora_model("llama").train()
+    data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=8)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    callback = AdaptPrunerCallback(PrunerConfig(target_ratio=0.8, num_stages=2, importance_window=2))
+    trainer = Trainer(model=peft_model, args=args, train_dataset=data, callbacks=[callback])
+    with pytest.raises(ValueError, match="importance_source='calibration'"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_lora_training_with_calibration_importance_prunes_during_training(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_adapt_pruner import AdaptPrunerCallback
+
+    peft_model = lora_model("llama").train()
+    params = count_parameters(peft_model)
+    data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=24)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-3)  # fmt: skip
+    config = PrunerConfig(target_ratio=0.8, num_stages=2, importance_source="calibration", inner_steps=2,
+                          calibration_samples=8, round_to=1)  # fmt: skip
+    callback = AdaptPrunerCallback(config, calibration_data=calibration_blocks(n=16, seed=3))
+    Trainer(model=peft_model, args=args, train_dataset=data, callbacks=[callback]).train()
+    assert len(callback.reports) == 2
+    assert abs(count_parameters(peft_model) - round(params * 0.8)) <= 0.01 * params
+    assert torch.isfinite(logits(peft_model.eval())).all()
