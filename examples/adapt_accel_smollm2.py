@@ -9,6 +9,7 @@ without training, and the Adapt-Accel result; saves with `save_pruned`, reloads 
 up for a GPU (e.g. `--max-steps 20000 --batch-size 32 --seq-len 512 --num-stages 20`).
 
     python examples/adapt_accel_smollm2.py [--max-steps 80] [--num-stages 4] [--target-ratio 0.7] [--output DIR]
+    torchrun --nproc_per_node 2 examples/adapt_accel_smollm2.py ...   # or: accelerate launch --num_processes 2 ...
 """
 
 import argparse
@@ -82,11 +83,12 @@ def train(model, callbacks):
         lr_scheduler_type="warmup_stable_decay",
         lr_scheduler_kwargs={"num_decay_steps": max(1, round(args.recovery_fraction * args.max_steps))},
         logging_steps=10, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
+        ddp_backend=None if torch.cuda.is_available() else "gloo",
     )  # fmt: skip
     train_data = [{"input_ids": block, "labels": block} for block in train_blocks]
     trainer = Trainer(model=model.train(), args=training_args, train_dataset=train_data, callbacks=callbacks)
     for callback in callbacks:
-        callback.attach(trainer)
+        callback.attach(trainer)  # first in the list (logging), and reaches the DDP wrapper in multi-process runs
     trainer.train()
     return model.eval()
 
@@ -109,7 +111,9 @@ model = train(model, callbacks=[callback])
 results.append((f"Adapt-Accel, {args.num_stages} stages", count_parameters(model),
                 perplexity(model, eval_blocks)))  # fmt: skip
 
-# 4. Save, reload in a fresh process through the written remote code, and generate.
+# 4. Save, reload in a fresh process through the written remote code, and generate (in a multi-process run: rank 0).
+if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    sys.exit(0)
 save_pruned(model, args.output, tokenizer, overwrite=True, pruner_config=config, license="apache-2.0",
             base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
             eval_results={"held-out perplexity (python3.11-doc)": round(results[-1][2], 2)})  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .modeling.modeling_adapt_pruner import pruned_parameters
@@ -168,25 +169,36 @@ class PrunedModule:
 
 @dataclass
 class LayerModules:
-    """The live modules of one decoder layer that pruning touches."""
+    """The live modules of one decoder layer that pruning touches.
+
+    In mask mode the modules keep their shapes and `live` holds the indices of the query heads, kv heads and MLP
+    channels still in use (the rest are zero); the engine then sees the layer as if those were all it had.
+    """
 
     index: int
     layer: nn.Module
     attention: nn.Module
     mlp: nn.Module
     pruned: list[PrunedModule]
+    live: list[torch.Tensor] | None = None
 
     def size(self, blocks: tuple[str, ...]) -> int:
         """Current size of the first pruned dimension made of exactly `blocks`."""
         module = next(p for p in self.pruned if p.blocks == blocks)
         return module.module.weight.shape[module.dim]
 
-    def widths(self, head_dim: int) -> tuple[int, int, int]:
-        """(query heads, kv heads, MLP channels) as the live modules have them."""
+    def shape_widths(self, head_dim: int) -> tuple[int, int, int]:
+        """(query heads, kv heads, MLP channels) the module shapes hold."""
         heads, channels = self.size(("q",)) // head_dim, self.size(("mlp",))
         fused = next(p for p in self.pruned if "kv" in p.blocks)
         rest = fused.module.weight.shape[fused.dim] - fused.blocks.count("q") * heads * head_dim
         return heads, rest // (fused.blocks.count("kv") * head_dim), channels
+
+    def widths(self, head_dim: int) -> tuple[int, int, int]:
+        """(query heads, kv heads, MLP channels) in use: the shapes, or the unmasked units in mask mode."""
+        if self.live is not None:
+            return tuple(len(index) for index in self.live)
+        return self.shape_widths(head_dim)
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

@@ -5,15 +5,18 @@ The callback holds no algorithm: it turns Trainer events into engine calls (`Ada
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
+from .distributed import ddp_rebuild_unsupported, rebuild_ddp_reducer
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
 from .pruner import AdaptivePruner
 from .report import PruneReport
@@ -72,6 +75,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._pending_logs: dict[str, Any] = {}
         self._hooked_model = None
         self._progress = True
+        self._trainer = None  # weak reference, set by attach()
+        self._ddp: DistributedDataParallel | None = None  # rebuilt after each event in multi-process runs
 
     # --- ExportableState: the schedule survives a resume ------------------------------------------------------
     def state(self) -> dict:
@@ -81,11 +86,13 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         }
 
     def attach(self, trainer) -> AdaptPrunerCallback:
-        """Put this callback first in `trainer`'s list, so its statistics reach `report_to` integrations too."""
+        """Put this callback first in `trainer`'s list, so its statistics reach `report_to` integrations too, and let
+        it reach the Trainer's DDP wrapper in multi-process runs (needed there)."""
         callbacks = trainer.callback_handler.callbacks
         if self in callbacks:
             callbacks.remove(self)
         callbacks.insert(0, self)
+        self._trainer = weakref.ref(trainer)
         return self
 
     # --- set-up ---------------------------------------------------------------------------------------------
@@ -93,11 +100,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._guard_checkpoint_loading(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if args.world_size > 1:
-            raise ValueError(
-                f"AdaptPrunerCallback runs in a single process for now (world_size={args.world_size}); "
-                "multi-process pruning (DDP/FSDP) is not implemented yet."
-            )
+        mode = self._resolve_mode(args.world_size)
         torch_optimizer = _torch_optimizer(optimizer)
         if torch_optimizer is not None and not isinstance(torch_optimizer, SLICEABLE_OPTIMIZERS):
             raise ValueError(
@@ -116,7 +119,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             )
         self._guard_checkpoint_loading(model)
         self._progress = not args.disable_tqdm
-        self._pruner = AdaptivePruner(model, self.config)  # unsupported model types fail here
+        self._pruner = AdaptivePruner(model, self.config, mode)  # unsupported model types fail here
         frozen = [p.path for lm in self._pruner.layers[:1] for p in lm.pruned if not p.module.weight.requires_grad]
         if self.config.importance_source == "training" and self.config.group_importance == "taylor" and frozen:
             raise ValueError(
@@ -132,6 +135,33 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         if self.events_done < len(self.schedule) and self.schedule[self.events_done].step <= state.global_step:
             self._prune(state, optimizer)  # an event at step 0 (calibration-based importance)
         self._update_window(state)
+
+    def _resolve_mode(self, world_size: int) -> str:
+        """physical or mask, from the config and the engine; finds the DDP wrapper whose reducer physical pruning
+        rebuilds after each event."""
+        self._ddp = None
+        if world_size == 1:
+            return "mask" if self.config.mode == "mask" else "physical"
+        trainer = self._trainer() if self._trainer is not None else None
+        wrapped = trainer.model_wrapped if trainer is not None else None
+        if not isinstance(wrapped, DistributedDataParallel):
+            raise ValueError(
+                f"world_size={world_size}: the callback needs the Trainer's DistributedDataParallel wrapper, but "
+                + ("callback.attach(trainer) was not called after creating the Trainer (the examples do)."
+                   if trainer is None else f"the Trainer wraps the model in {type(wrapped).__name__}. FSDP and "
+                   "DeepSpeed (sharded parameters) are not supported yet.")
+            )  # fmt: skip
+        if self.config.mode == "mask":
+            return "mask"
+        reason = ddp_rebuild_unsupported(wrapped)
+        if reason and self.config.mode == "physical":
+            raise ValueError(f"mode='physical' under DDP rebuilds DDP's reducer, but {reason}. Use mode='mask'.")
+        if reason:
+            logger.warning(f"Pruning with masks (shapes fixed): physical pruning needs to rebuild DDP's reducer, but "
+                           f"{reason}.")  # fmt: skip
+            return "mask"
+        self._ddp = wrapped
+        return "physical"
 
     def _restore_or_build_schedule(self, state) -> None:
         stored = (state.stateful_callbacks or {}).get(type(self).__name__, {})
@@ -209,6 +239,10 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         step_scores = [group_scores(lm, self._pruner.head_dim, "taylor") for lm in self._pruner.layers]
         self._scores = step_scores if self._scores is None else [a + b for a, b in zip(self._scores, step_scores)]
 
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self._pruner is not None and self._pruner.mode == "mask":
+            self._pruner.reapply_masks(_torch_optimizer(optimizer))  # masked weights stay exactly zero
+
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         stage = self._next_stage()
         if stage is not None and state.global_step >= stage.step:
@@ -240,6 +274,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         report = self._pruner.prune_to(
             stage.target_params, self._scorer(), optimizer=_torch_optimizer(optimizer), progress=False
         )
+        if self._ddp is not None:
+            rebuild_ddp_reducer(self._ddp)
         self._close_window()
         self._scores = None
         self.events_done += 1

@@ -18,6 +18,7 @@ logger = logging.get_logger(__name__)
 LAYER_IMPORTANCE_METRICS = ("cosine", "euclidean", "manhattan")
 GROUP_IMPORTANCE_METRICS = ("taylor", "magnitude", "random")
 ATTENTION_UNITS = ("kv_group", "query_head")
+MODES = ("auto", "physical", "mask")
 DATA_SPLITS = ("linear", "constant", "cosine")
 IMPORTANCE_SOURCES = ("training", "calibration")
 
@@ -52,6 +53,8 @@ class PrunerConfig:
         inner_steps (`int`, defaults to `50`): inner iterations per prune event (importances re-measured at each).
         calibration_samples, calibration_seq_len, calibration_batch_size (`int`): calibration per inner step.
         seed (`int`): calibration sampling and random scores.
+        mode (`str`, defaults to `"auto"`): `physical` slices weights, `mask` zeroes them (shapes fixed; sliced by
+            `save_pruned`), `auto` picks physical unless the training engine shards parameters.
         num_stages, data_split, recovery_fraction, importance_source, importance_window: the Adapt-Accel schedule
             of `AdaptPrunerCallback` (see `hf_adapt_pruner.schedule` for a worked example).
 
@@ -145,6 +148,14 @@ class PrunerConfig:
         default=8,
         metadata={"help": "Optimizer steps before a prune event over which training-based scores accumulate."},
     )
+    mode: str = field(
+        default="auto",
+        metadata={
+            "help": "physical (slice the weights: the model shrinks and trains faster), mask (zero the removed rows "
+            "and columns and keep them at zero; shapes stay fixed, sliced at save_pruned), or auto: physical, and "
+            "mask under engines that shard parameters (FSDP, DeepSpeed)."
+        },
+    )
     library_version: str = field(default=__version__, metadata={"help": "hf_adapt_pruner version that wrote this."})
 
     def __post_init__(self) -> None:
@@ -154,6 +165,7 @@ class PrunerConfig:
         _check_choice("attention_unit", self.attention_unit, ATTENTION_UNITS)
         _check_choice("data_split", self.data_split, DATA_SPLITS)
         _check_choice("importance_source", self.importance_source, IMPORTANCE_SOURCES)
+        _check_choice("mode", self.mode, MODES)
         if not 0.0 <= self.amplitude <= 1.0:
             raise ValueError(
                 f"amplitude={self.amplitude!r} is out of range: use a value in [0, 1] (paper: 0.02; 0 = uniform)."

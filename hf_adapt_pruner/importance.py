@@ -6,6 +6,7 @@ Taylor, the gradients already sitting in `.grad`. Nothing here runs the model: c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -155,6 +156,9 @@ def group_scores(
     channel a row of the gate and up projections and a column of the down projection. Fused projections are split
     block by block. `taylor` sums |w * grad| and `magnitude` sums |w| over every weight of the group.
     """
+    if modules.live is not None:  # mask mode: score the units still in use
+        full = group_scores(dataclasses.replace(modules, live=None), head_dim, metric, generator)
+        return full.select(*modules.live)
     heads, kv_heads, channels = modules.widths(head_dim)
     if metric == "random":
         return GroupScores(

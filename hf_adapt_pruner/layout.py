@@ -8,6 +8,7 @@ from typing import Any
 
 
 LAYOUT_KEY = "pruned_layout"
+MASK_KEY = "pruned_mask"  # mask mode: the layout plus the unmasked units of every layer, on a full-size model
 LAYOUT_FORMAT_VERSION = 1
 
 

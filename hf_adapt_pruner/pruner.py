@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -23,13 +24,14 @@ from .allocation import (
 from .architectures import LayerModules, get_architecture, layer_modules, unwrap_peft
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
+from .distributed import RankSync, is_distributed
 from .importance import GroupScores
-from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
+from .layout import LAYOUT_KEY, MASK_KEY, LayerWidths, PrunedLayout
 from .modeling.modeling_adapt_pruner import pruned_parameters
 from .remote_code import base_model_type, mark_pruned
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer
-from .surgery import lora_factors, prune_layer_
+from .surgery import apply_masks_, lora_factors, mask_layer_, prune_layer_
 
 
 logger = logging.get_logger(__name__)
@@ -68,9 +70,10 @@ def current_layout(model: nn.Module) -> PrunedLayout:
     """The model's layout: read from its config after a prune event, else built from its uniform config."""
     model = unwrap_peft(model)
     config = model.config
-    stored = getattr(config, LAYOUT_KEY, None)
-    if stored is not None:
-        return PrunedLayout.from_dict(stored, num_layers=config.num_hidden_layers)
+    for key in (LAYOUT_KEY, MASK_KEY):
+        stored = getattr(config, key, None)
+        if stored is not None:
+            return PrunedLayout.from_dict(stored, num_layers=config.num_hidden_layers)
     spec = get_architecture(base_model_type(config.model_type))
     layers = layer_modules(model, spec)
     head_dim = int(getattr(layers[0].attention, "head_dim", None) or config.head_dim)
@@ -102,18 +105,38 @@ class AdaptivePruner:
         ```
     """
 
-    def __init__(self, model: nn.Module, config: PrunerConfig):
+    def __init__(self, model: nn.Module, config: PrunerConfig, mode: str | None = None):
         self.model = model = unwrap_peft(model)
         self.config = config
+        self.mode = mode or ("mask" if config.mode == "mask" else "physical")
         self.spec = get_architecture(base_model_type(model.config.model_type))
         self.layers = layer_modules(model, self.spec)
         self.layout = current_layout(model)
+        self._restore_masks()
         self.head_dim = self.layout.head_dim
         self.sparsity = torch.tensor(self.layout.sparsity or [0.0] * len(self.layers), dtype=torch.float64)
         self.geometries = [self._geometry(lm) for lm in self.layers]
+        self.sync = RankSync() if is_distributed() else None  # decisions agreed across ranks
         self._check_layout_matches_modules()
 
     # --- bookkeeping --------------------------------------------------------------------------------------------
+    def _restore_masks(self) -> None:
+        stored = getattr(self.model.config, MASK_KEY, None)
+        if self.mode == "mask" and (self.spec.q_norm or self.spec.k_norm):
+            raise ValueError(
+                f"mode='mask' cannot represent pruning of {self.spec.model_type!r}: its q/k norms span all heads, so "
+                "zeroed heads still change the kept ones. Use mode='physical'."
+            )
+        if stored is None:
+            return
+        if self.mode != "mask":
+            raise ValueError(
+                f"The model carries masks from a mask-mode run (config.{MASK_KEY}): continue it with "
+                "PrunerConfig(mode='mask'), or slice it first with save_pruned (or materialize_masks(model))."
+            )
+        for lm, live in zip(self.layers, stored["live"]):
+            lm.live = [torch.tensor(index, dtype=torch.long) for index in live]
+
     def _geometry(self, lm: LayerModules) -> LayerGeometry:
         base, costs = self.layout.base, unit_costs(lm, self.head_dim)
         return LayerGeometry(
@@ -137,7 +160,19 @@ class AdaptivePruner:
         return [self.layout.layer(i) for i in range(len(self.layers))]
 
     def num_parameters(self) -> int:
-        return count_parameters(self.model)
+        """Parameters of the model; in mask mode, those not masked."""
+        masked = 0
+        for lm, geometry in zip(self.layers, self.geometries):
+            if lm.live is not None:
+                shape, live = lm.shape_widths(self.head_dim), lm.widths(self.head_dim)
+                costs = (geometry.q_head_cost, geometry.kv_head_cost, geometry.channel_cost)
+                masked += sum(cost * (full - kept) for cost, full, kept in zip(costs, shape, live))
+        return count_parameters(self.model) - masked
+
+    def reapply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Mask mode: zero the masked weights (and optimizer state) again, e.g. after an optimizer step."""
+        for lm in self.layers:
+            apply_masks_(lm, self.head_dim, optimizer)
 
     def final_target(self) -> int:
         """The config's target; `target_ratio` is relative to the original (unpruned) model's parameter count."""
@@ -171,15 +206,23 @@ class AdaptivePruner:
         bar = tqdm(total=steps, desc="prune", disable=not progress or params <= target_params)
         while params > target_params and step < steps:
             raw, scores = scorer(self.layers, self.head_dim)
+            if self.sync is not None:
+                raw, scores = self.sync.average(raw, scores)
             importance = normalize_importance(raw)
             delta = (params - target_params) / prunable_base / (steps - step)
             result = allocation_step(
                 self.geometries, self.widths(), self.sparsity, importance, delta, target_params, fixed,
                 self.config, final=step == steps - 1,
             )  # fmt: skip
-            for i, (old, new) in enumerate(zip(self.widths(), result.widths)):
-                if old != new:
-                    self._apply(i, new, scores[i], scorer, kept[i], optimizer)
+            plans = {
+                i: self._select(new, scores[i])
+                for i, (old, new) in enumerate(zip(self.widths(), result.widths))
+                if old != new
+            }
+            if self.sync is not None:
+                self.sync.check_agreement(f"prune event, inner step {step + 1}", plans)
+            for i, plan in plans.items():
+                self._apply(i, result.widths[i], plan, scorer, kept[i], optimizer)
             self.sparsity = result.sparsity
             params = self.num_parameters()
             if params != result.num_parameters:
@@ -193,18 +236,23 @@ class AdaptivePruner:
         self._log_outcome(report)
         return report
 
+    def _select(self, widths: LayerWidths, scores: GroupScores) -> tuple[torch.Tensor, ...]:
+        """(query heads, kv heads, channels) a layer keeps to reach `widths`: the highest scored."""
+        keep_q, keep_kv = select_heads(scores.q_heads, scores.kv_heads, widths, self.config)
+        return keep_q, keep_kv, select_top(scores.channels, widths.intermediate_size)
+
     def _apply(
         self,
         index: int,
         widths: LayerWidths,
-        scores: GroupScores,
+        plan: tuple[torch.Tensor, ...],
         scorer: Scorer,
         kept: list[torch.Tensor],
         optimizer: torch.optim.Optimizer | None,
     ) -> None:
-        keep_q, keep_kv = select_heads(scores.q_heads, scores.kv_heads, widths, self.config)
-        keep_ch = select_top(scores.channels, widths.intermediate_size)
-        prune_layer_(self.layers[index], self.head_dim, keep_q, keep_kv, keep_ch, optimizer)
+        keep_q, keep_kv, keep_ch = plan
+        surgery = mask_layer_ if self.mode == "mask" else prune_layer_
+        surgery(self.layers[index], self.head_dim, keep_q, keep_kv, keep_ch, optimizer)
         scorer.update(index, keep_q, keep_kv, keep_ch)
         kept[0], kept[1], kept[2] = kept[0][keep_q], kept[1][keep_kv], kept[2][keep_ch]
         self.layout.set_layer(index, widths)
@@ -215,12 +263,17 @@ class AdaptivePruner:
             for i, (k, old) in enumerate(zip(kept, before))
             if old != self.layout.layer(i)
         }
-        if not changed and getattr(self.model.config, LAYOUT_KEY, None) is None:
+        key = MASK_KEY if self.mode == "mask" else LAYOUT_KEY
+        if not changed and getattr(self.model.config, key, None) is None:
             return  # nothing pruned yet: the model stays a stock model
         if changed:
             self.layout.history.append({"num_parameters": params, "layers": changed})
         self.layout.sparsity = self.sparsity.tolist()
         self.model.config.head_dim = self.head_dim
+        if self.mode == "mask":  # shapes unchanged: a stock checkpoint that carries its masks
+            live = [[index.tolist() for index in lm.live or all_units(lm, self.head_dim)] for lm in self.layers]
+            setattr(self.model.config, MASK_KEY, {**self.layout.to_dict(), "live": live})
+            return
         setattr(self.model.config, LAYOUT_KEY, self.layout.to_dict())
         mark_pruned(self.model)
 
@@ -264,6 +317,29 @@ class AdaptivePruner:
                 f"{unit:,} parameters each (whole heads, round_to={self.config.round_to} channels) and the floors "
                 "may bind. Lower round_to or use attention_unit='query_head' for finer steps."
             )
+
+
+def all_units(lm: LayerModules, head_dim: int) -> list[torch.Tensor]:
+    """Indices of every query head, kv head and channel the modules hold."""
+    return [torch.arange(n) for n in lm.shape_widths(head_dim)]
+
+
+def materialize_masks(model: nn.Module) -> nn.Module:
+    """A mask-mode model sliced to its unmasked units: a pruned model like physical pruning gives (a copy; the
+    masked model is left as it is). `save_pruned` calls this for models that carry masks."""
+    stored = getattr(model.config, MASK_KEY, None)
+    if stored is None:
+        raise ValueError(f"model.config has no {MASK_KEY!r}: the model carries no masks.")
+    sliced = copy.deepcopy(unwrap_peft(model))
+    spec = get_architecture(base_model_type(sliced.config.model_type))
+    layout = PrunedLayout.from_dict(stored, num_layers=sliced.config.num_hidden_layers)
+    for lm, live in zip(layer_modules(sliced, spec), stored["live"]):
+        prune_layer_(lm, layout.head_dim, *(torch.tensor(index, dtype=torch.long) for index in live))
+    delattr(sliced.config, MASK_KEY)
+    sliced.config.head_dim = layout.head_dim
+    setattr(sliced.config, LAYOUT_KEY, layout.to_dict())
+    mark_pruned(sliced)
+    return sliced
 
 
 def prune_model(

@@ -23,9 +23,9 @@ from transformers.utils import logging
 
 from .architectures import get_architecture
 from .config import PrunerConfig
-from .layout import LAYOUT_KEY, PrunedLayout
+from .layout import LAYOUT_KEY, MASK_KEY, PrunedLayout
 from .modeling.modeling_adapt_pruner import block_sizes
-from .pruner import count_parameters
+from .pruner import count_parameters, materialize_masks
 from .remote_code import base_model_type, clear_dequantized_gguf_marker, mark_pruned, pruned_classes
 
 
@@ -53,7 +53,8 @@ def save_pruned(
 
     Writes safetensors weights, `config.json` (the base architecture's fields, `pruned_layout`, our `model_type` and
     `auto_map`), `configuration_adapt_pruner.py` and `modeling_adapt_pruner.py`, the generation config, the tokenizer
-    files, `pruner_config.json` and a model card `README.md`. An unpruned model gets a plain save.
+    files, `pruner_config.json` and a model card `README.md`. An unpruned model gets a plain save; a mask-mode model
+    is saved sliced to its unmasked units.
 
     Everything is written into a temporary folder beside `save_directory` and moved into place at the end, so a
     failure never leaves a half-written model; an existing `save_directory` is replaced only with `overwrite=True`.
@@ -69,14 +70,20 @@ def save_pruned(
             `name_or_path` when it is not a local path).
         license: the card's license, when known.
         repo_id: the id shown in the card's usage snippet (default: the folder name).
+
+    In a multi-process run (torch.distributed initialised) only rank 0 writes; the other ranks return at once.
     """
+    target = Path(save_directory).absolute()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return target  # in a multi-process run only rank 0 writes (as Trainer.save_model)
     if hasattr(model, "peft_config") or any(hasattr(m, "lora_A") for m in model.modules()):
         raise TypeError(
             "save_pruned saves a plain transformers model, but this one carries PEFT adapters. Merge them first "
             "(model = peft_model.merge_and_unload()); to keep the adapter separate, save it with "
             "peft_model.save_pretrained(dir) and the base with save_pruned(peft_model.unload(), ...)."
         )
-    target = Path(save_directory).absolute()
+    if getattr(model.config, MASK_KEY, None) is not None:
+        model = materialize_masks(model)  # mask mode: slice a copy to the unmasked units
     if target.exists() and not (overwrite and target.is_dir()):
         raise FileExistsError(
             f"{str(target)!r} already exists: pass overwrite=True to replace it, or choose another save_directory."

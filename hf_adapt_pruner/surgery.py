@@ -6,6 +6,8 @@ its state tensors shaped like the parameter (Adam's `exp_avg`, `exp_avg_sq`, ...
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -77,6 +79,31 @@ def lora_factors(pruned: PrunedModule) -> list[nn.Linear]:
     return list((pruned.adapter.lora_B if pruned.dim == 0 else pruned.adapter.lora_A).values())
 
 
+def _kept_per_module(modules: LayerModules, head_dim: int, plan: Sequence[torch.Tensor]) -> list:
+    """(pruned module, indices to keep along its pruned dimension) for kept (query heads, kv heads, channels)."""
+    heads, kv_heads, channels = modules.shape_widths(head_dim)
+    sizes = {"q": heads * head_dim, "kv": kv_heads * head_dim, "mlp": channels}
+    keep = {"q": head_rows(plan[0], head_dim), "kv": head_rows(plan[1], head_dim), "mlp": plan[2]}
+    return [(pruned, kept_entries(pruned, sizes, keep)) for pruned in modules.pruned]
+
+
+def _check_plan(layer: int, widths: tuple[int, int, int], *keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Indices checked; query head `h` reads kv head `h // group` (the order `repeat_kv` uses), so the kept query
+    heads must split evenly over the kept kv heads and only read kept ones."""
+    heads, kv_heads, channels = widths
+    keep_q = _check_index(keep[0], heads, f"layer {layer} query heads")
+    keep_kv = _check_index(keep[1], kv_heads, f"layer {layer} kv heads")
+    keep_channels = _check_index(keep[2], channels, f"layer {layer} MLP channels")
+    group = heads // kv_heads
+    owners = keep_q // group
+    if len(keep_q) % len(keep_kv) or not torch.equal(owners, keep_kv.repeat_interleave(len(keep_q) // len(keep_kv))):
+        raise ValueError(
+            f"layer {layer}: kept query heads {keep_q.tolist()} do not split evenly over the kept kv heads "
+            f"{keep_kv.tolist()} (query head h reads kv head h // {group})."
+        )
+    return keep_q, keep_kv, keep_channels
+
+
 def prune_layer_(
     modules: LayerModules,
     head_dim: int,
@@ -86,26 +113,44 @@ def prune_layer_(
     optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
     """Keep query heads `keep_q`, kv heads `keep_kv` and MLP channels `keep_channels` of one decoder layer (indices
-    relative to its current widths), in every module that holds them (fused projections block by block).
-
-    Query head `h` reads kv head `h // group` (the order `repeat_kv` uses), so the kept query heads must split
-    evenly over the kept kv heads and only read kept ones.
-    """
-    heads, kv_heads, channels = modules.widths(head_dim)
-    keep_q = _check_index(keep_q, heads, f"layer {modules.index} query heads")
-    keep_kv = _check_index(keep_kv, kv_heads, f"layer {modules.index} kv heads")
-    keep_channels = _check_index(keep_channels, channels, f"layer {modules.index} MLP channels")
-    group = heads // kv_heads
-    owners = keep_q // group
-    if len(keep_q) % len(keep_kv) or not torch.equal(owners, keep_kv.repeat_interleave(len(keep_q) // len(keep_kv))):
-        raise ValueError(
-            f"layer {modules.index}: kept query heads {keep_q.tolist()} do not split evenly over the kept kv heads "
-            f"{keep_kv.tolist()} (query head h reads kv head h // {group})."
-        )
-    sizes = {"q": heads * head_dim, "kv": kv_heads * head_dim, "mlp": channels}
-    keep = {"q": head_rows(keep_q, head_dim), "kv": head_rows(keep_kv, head_dim), "mlp": keep_channels}
-    for pruned in modules.pruned:
-        slice_module_(pruned, kept_entries(pruned, sizes, keep), optimizer)
+    relative to its current widths), in every module that holds them (fused projections block by block)."""
+    plan = _check_plan(modules.index, modules.shape_widths(head_dim), keep_q, keep_kv, keep_channels)
+    for pruned, kept in _kept_per_module(modules, head_dim, plan):
+        slice_module_(pruned, kept, optimizer)
+    keep_q, keep_kv, keep_channels = plan
     set_attention_head_counts(modules.attention, len(keep_q), len(keep_kv))
     if hasattr(modules.mlp, "intermediate_size"):
         modules.mlp.intermediate_size = len(keep_channels)
+
+
+def mask_layer_(
+    modules: LayerModules,
+    head_dim: int,
+    keep_q: torch.Tensor,
+    keep_kv: torch.Tensor,
+    keep_channels: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Mask mode: keep the given units among those in use (`modules.live`) and zero the rest; shapes stay."""
+    if modules.live is None:
+        modules.live = [torch.arange(n) for n in modules.shape_widths(head_dim)]
+    plan = _check_plan(modules.index, modules.widths(head_dim), keep_q, keep_kv, keep_channels)
+    modules.live = [live[keep] for live, keep in zip(modules.live, plan)]
+    apply_masks_(modules, head_dim, optimizer)
+
+
+def apply_masks_(modules: LayerModules, head_dim: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Zero every weight of the masked units of one layer (adapters and optimizer state too)."""
+    if modules.live is None:
+        return
+    for pruned, kept in _kept_per_module(modules, head_dim, modules.live):
+        for module in (pruned.module, *lora_factors(pruned)):
+            for name, dim in pruned_parameters(module, pruned.dim):
+                param = getattr(module, name)
+                dropped = torch.ones(param.shape[dim], dtype=torch.bool, device=param.device)
+                dropped[kept.to(param.device)] = False
+                tensors = [param.data, *(optimizer.state.get(param, {}).values() if optimizer is not None else ())]
+                with torch.no_grad():
+                    for tensor in tensors:
+                        if isinstance(tensor, torch.Tensor) and tensor.shape == param.shape:
+                            tensor.index_fill_(dim, dropped.nonzero().flatten(), 0)

@@ -16,7 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize(
     ("script", "key"),
     [("one_shot_quality", "adaptive_over_uniform"), ("inference_speed", "rows"), ("callback_overhead", "runs"),
-     ("memory", "rss_peak_bytes")],
+     ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs")],
 )  # fmt: skip
 def test_benchmark_smoke(script, key, tmp_path):
     out = tmp_path / f"{script}.json"

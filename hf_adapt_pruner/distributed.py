@@ -1,0 +1,111 @@
+"""Several processes, one model: identical prune decisions on every rank, and DDP after physical slicing.
+
+Gradients are already averaged across ranks when the callback reads them (DDP's reducer all-reduces them during
+backward, before `on_pre_optimizer_step`), but layer similarity comes from each rank's own batches and a calibration
+pass runs outside DDP. So before allocation the importances are averaged across ranks, and before any weight is
+touched every rank compares its chosen heads and channels with rank 0's: a difference (a non-deterministic kernel,
+rank-dependent data in the scoring path) stops every rank with an error instead of letting the replicas drift apart.
+
+`rebuild_ddp_reducer` lets a live `DistributedDataParallel` train on after its module's parameters were sliced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .importance import GroupScores
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class RankSync:
+    """The collectives of a prune event (every rank must call them in the same order)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def average(self, importance: torch.Tensor, scores: Sequence[GroupScores]) -> tuple[torch.Tensor, list]:
+        """Mean of the layer importances and group scores over the ranks (float64, on CPU)."""
+        parts = [importance.double().cpu()] + [t for s in scores for t in (s.q_heads, s.kv_heads, s.channels)]
+        flat = torch.cat([p.double().cpu().flatten() for p in parts])
+        dist.all_reduce(flat, group=self.group)  # gloo and nccl both sum; nccl needs the tensor on the device
+        flat /= self.world_size
+        pieces = iter(flat.split([p.numel() for p in parts]))
+        importance = next(pieces)
+        return importance, [GroupScores(next(pieces), next(pieces), next(pieces)) for _ in scores]
+
+    def check_agreement(self, what: str, plans: dict[int, tuple[torch.Tensor, ...]]) -> None:
+        """Raise on every rank if any rank's plan (layer -> kept indices) differs from rank 0's."""
+        local = _encode(plans)
+        size = torch.tensor([local.numel()], dtype=torch.long)
+        dist.broadcast(size, src=0, group=self.group)
+        reference = local.clone() if self.rank == 0 else torch.empty(int(size), dtype=torch.long)
+        dist.broadcast(reference, src=0, group=self.group)
+        differs = torch.tensor([int(not torch.equal(local, reference))], dtype=torch.long)
+        flags = [torch.zeros(1, dtype=torch.long) for _ in range(self.world_size)]
+        dist.all_gather(flags, differs, group=self.group)
+        bad = [rank for rank, flag in enumerate(flags) if int(flag)]
+        if bad:
+            raise RuntimeError(
+                f"{what}: rank(s) {bad} chose other heads or channels than rank 0, so the model replicas would "
+                "diverge; nothing was pruned in this step. The importance scores differ between ranks: make the "
+                "scoring deterministic (same calibration data on every rank, deterministic kernels) or report this "
+                "as a bug in hf_adapt_pruner."
+            )
+
+
+def _encode(plans: dict[int, tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    values = []
+    for layer in sorted(plans):
+        values.append(layer)
+        for index in plans[layer]:
+            values += [len(index), *index.tolist()]
+    return torch.tensor(values, dtype=torch.long)
+
+
+_DDP_INTERNALS = ("reducer", "_remove_autograd_hooks", "_build_params_for_reducer",
+                  "_build_debug_param_to_name_mapping", "_ddp_init_helper")  # fmt: skip
+
+
+def ddp_rebuild_unsupported(ddp: nn.Module) -> str | None:
+    """Why `rebuild_ddp_reducer` cannot serve this DDP object (None: it can)."""
+    missing = [name for name in _DDP_INTERNALS if not hasattr(ddp, name)]
+    if missing:
+        return f"this torch's DistributedDataParallel lacks {', '.join(missing)}"
+    if getattr(ddp, "static_graph", False):
+        return "DDP runs with static_graph=True"
+    if getattr(ddp, "mixed_precision", None) is not None or getattr(ddp, "_comm_hooks", None):
+        return "DDP has a mixed-precision config or communication hooks"
+    if getattr(ddp, "_use_python_reducer", False) or getattr(ddp, "_delay_all_reduce_params", None):
+        return "DDP uses the Python reducer or delayed all-reduce"
+    return None
+
+
+def rebuild_ddp_reducer(ddp: nn.Module) -> None:
+    """Make a live `DistributedDataParallel` train on after parameters of its module changed shape.
+
+    The reducer keeps the parameters' gradient accumulators (which remember the old shapes) and buckets sized for
+    them, so the next backward fails. Its autograd hooks and the reducer are released and a new reducer is built
+    in place, over the same module and parameters, with the same DDP options; shapes are checked across ranks.
+    """
+    from torch.distributed.utils import _verify_param_shape_across_processes
+
+    reason = ddp_rebuild_unsupported(ddp)
+    if reason:
+        raise RuntimeError(f"Cannot rebuild the DDP reducer: {reason}.")
+    ddp._remove_autograd_hooks()
+    ddp.reducer = None
+    ddp.logger = None
+    parameters, expect_sparse_gradient = ddp._build_params_for_reducer()
+    _verify_param_shape_across_processes(ddp.process_group, parameters)
+    mapping = ddp._build_debug_param_to_name_mapping(parameters)
+    ddp._ddp_init_helper(parameters, expect_sparse_gradient, mapping, False)
+    ddp._has_rebuilt_buckets = False
