@@ -5,8 +5,9 @@ from .architectures import ArchitectureSpec, get_architecture, register_architec
 from .callback import AdaptPrunerCallback
 from .config import PrunerConfig
 from .data import CalibrationPool, token_blocks
+from .gguf_export import export_gguf
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
-from .pruner import AdaptivePruner, count_parameters, current_layout, prune_model
+from .pruner import AdaptivePruner, count_parameters, current_layout, materialize_masks, prune_model
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer, StaticScorer
 from .serialization import check_weights_match_layout, load_pruned, push_pruned_to_hub, save_pruned
@@ -31,8 +32,10 @@ __all__ = [
     "check_weights_match_layout",
     "count_parameters",
     "current_layout",
+    "export_gguf",
     "get_architecture",
     "load_pruned",
+    "materialize_masks",
     "prune_model",
     "push_pruned_to_hub",
     "register_architecture",

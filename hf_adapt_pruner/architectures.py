@@ -233,7 +233,8 @@ def _resolve(layer: nn.Module, index: int, path: str) -> tuple[nn.Module, nn.Mod
             f"layer {index}: {path} is a {type(module).__name__} adapter layer; only LoRA adapters can be pruned "
             "with their layer. Merge it (merge_and_unload) or prune before adding it."
         )
-    is_norm = module.weight.dim() == 1 if isinstance(getattr(module, "weight", None), nn.Parameter) else False
+    weight = getattr(module, "weight", None)
+    is_norm = isinstance(weight, nn.Parameter) and weight.dim() == 1  # a norm over the pruned width (OLMo 2)
     if type(module) is not nn.Linear and not is_norm:
         raise TypeError(
             f"layer {index}: {path} is a {type(module).__name__}, not a plain nn.Linear. Prune the dense model "

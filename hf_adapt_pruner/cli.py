@@ -20,6 +20,7 @@ from .architectures import architecture_table
 from .config import PrunerConfig
 from .data import read_texts, split_files, text_files, token_blocks
 from .evaluation import generate_sample, generation_speed, perplexity
+from .gguf_export import GGUF_DTYPES, export_gguf
 from .pruner import count_parameters, prune_model
 from .serialization import load_for_pruning, save_pruned
 
@@ -57,6 +58,21 @@ def _add_eval_parser(subparsers) -> None:
     p.add_argument("--blocks", type=int, default=32, help="Token blocks scored for perplexity.")
     p.add_argument("--seq-len", type=int, default=128, help="Tokens per block.")
     p.add_argument("--new-tokens", type=int, default=32, help="Tokens generated for the speed measurement (0: skip).")
+
+
+def _add_export_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="Write a pruned model as a GGUF file for llama.cpp.")
+    p.add_argument("model", help="Folder written by save_pruned (or any Llama-family checkpoint folder).")
+    p.add_argument("--gguf", required=True, help="The .gguf file to write.")
+    p.add_argument("--dtype", choices=GGUF_DTYPES, default="f16", help="Weight type of the 2-D tensors.")
+    p.add_argument("--tokenizer-gguf", help="Copy the tokenizer from this GGUF file (default: convert MODEL's).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --gguf if it exists.")
+
+
+def _export(args: argparse.Namespace) -> dict:
+    path = export_gguf(args.model, args.gguf, dtype=args.dtype, tokenizer=args.tokenizer_gguf,
+                       overwrite=args.overwrite)  # fmt: skip
+    return {"model": args.model, "gguf": str(path), "dtype": args.dtype, "bytes": path.stat().st_size}
 
 
 def _eval(args: argparse.Namespace) -> dict:
@@ -105,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_prune_parser(subparsers)
     _add_eval_parser(subparsers)
+    _add_export_parser(subparsers)
     subparsers.add_parser("architectures", help="Print the supported architectures as a Markdown table.")
     args = parser.parse_args(argv)
     if args.command == "architectures":
@@ -115,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(logging_module.StreamHandler(sys.stderr))
     torch.manual_seed(0)
     try:
-        result = _prune(args) if args.command == "prune" else _eval(args)
+        result = {"prune": _prune, "eval": _eval, "export": _export}[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"hf-adapt-pruner: error: {error}", file=sys.stderr)
         return 2

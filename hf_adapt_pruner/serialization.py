@@ -239,7 +239,8 @@ def load_for_pruning(
 ) -> tuple[nn.Module, Any]:
     """(dense model, tokenizer) ready for pruning: a pruned checkpoint through `load_pruned`, a GGUF file dequantized.
 
-    A model loaded from GGUF has its quantizer marker cleared, so it saves like any other model.
+    A model loaded from GGUF has its quantizer marker cleared, so it saves like any other model; it remembers the
+    file, whose tokenizer `export_gguf` copies.
     """
     if gguf_file is not None:
         model = AutoModelForCausalLM.from_pretrained(
@@ -247,6 +248,9 @@ def load_for_pruning(
             quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True),
         )  # fmt: skip
         clear_dequantized_gguf_marker(model)
+        local = Path(pretrained_model_name_or_path) / gguf_file
+        if local.is_file():
+            model._hf_adapt_pruner_gguf_source = local
     else:
         model = load_pruned(pretrained_model_name_or_path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, gguf_file=gguf_file)

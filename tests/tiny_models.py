@@ -79,6 +79,21 @@ def tiny_tokenizer():
     )
 
 
+BPE_VOCAB = 320
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer of at most BPE_VOCAB entries trained offline (the kind Llama-family models use)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = ByteLevelBPETokenizer()
+    text = ["the pruned model runs in llama cpp with its own widths per layer"] * 20
+    backend.train_from_iterator(text, vocab_size=BPE_VOCAB, min_frequency=1, special_tokens=["<pad>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")  # fmt: skip
+
+
 def pruned_tiny_model(model_type: str = "llama", gqa_ratio: int = 3, ratio: float = 0.6, **config_overrides):
     from hf_adapt_pruner import PrunerConfig, prune_model
 
