@@ -1,5 +1,6 @@
 """2-process DDP (gloo, CPU): training-step time before the first prune event and after the last, physical vs mask
-mode, as ratios to the unpruned step time of the same run. Launches itself with torchrun; prints and writes JSON.
+mode, as ratios to the step time of the same training without the callback. Launches itself with torchrun; prints
+and writes JSON.
 
     python benchmarks/distributed.py [--smoke] [--steps 20] [--batch-size 2]
 """
@@ -47,23 +48,26 @@ def worker(args) -> None:
         output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, ddp_backend="gloo", seed=0,
     )  # fmt: skip
-    config = PrunerConfig(target_ratio=0.7, num_stages=2, importance_window=WINDOW, recovery_fraction=0.4,
-                          mode=args.worker_mode)  # fmt: skip
-    callback, timer = AdaptPrunerCallback(config), StepTimer()
+    timer = StepTimer()
     data = [{"input_ids": b, "labels": b} for b in blocks]
-    trainer = Trainer(model=model.train(), args=training_args, train_dataset=data, callbacks=[callback, timer])
-    callback.attach(trainer)
+    trainer = Trainer(model=model.train(), args=training_args, train_dataset=data, callbacks=[timer])
+    result = {"mode": args.worker_mode}
+    if args.worker_mode != "none":
+        config = PrunerConfig(target_ratio=0.7, num_stages=2, importance_window=WINDOW, recovery_fraction=0.4,
+                              mode=args.worker_mode)  # fmt: skip
+        callback = AdaptPrunerCallback(config).attach(trainer)  # first in the list, so the timer sees the events
     trainer.train()
-    events = [s.step for s in callback.schedule]
-    before = statistics.median(timer.times[1:WINDOW])  # steps 2..WINDOW
-    after = statistics.median(timer.times[events[-1] + 1 :])  # steps after the step following the last event
-    pruner = callback._pruner
+    if args.worker_mode == "none":
+        result["step_s"] = statistics.median(timer.times[1:])
+    else:
+        events = [s.step for s in callback.schedule]
+        pruner = callback._pruner
+        result.update(events=events, mode=pruner.mode,
+                      before_first_event_step_s=statistics.median(timer.times[1:WINDOW]),  # steps 2..WINDOW
+                      after_last_event_step_s=statistics.median(timer.times[events[-1] + 1 :]),
+                      params_ratio=pruner.num_parameters() / pruner.layout.base["num_parameters"])  # fmt: skip
     if dist.get_rank() == 0:
-        Path(args.worker_out).write_text(json.dumps({
-            "mode": pruner.mode, "events": events, "unpruned_step_s": before, "after_last_event_step_s": after,
-            "ratio_after_last_event": after / before,
-            "params_ratio": pruner.num_parameters() / pruner.layout.base["num_parameters"],
-        }))  # fmt: skip
+        Path(args.worker_out).write_text(json.dumps(result))
 
 
 def main() -> None:
@@ -80,7 +84,7 @@ def main() -> None:
         return
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("physical", "mask"):
+        for mode in ("none", "physical", "mask"):
             out = Path(tmp) / f"{mode}.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                        __file__, "--worker-mode", mode, "--worker-out", str(out), "--steps", str(args.steps),
@@ -89,10 +93,14 @@ def main() -> None:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             subprocess.run(command, check=True, env=env, stdin=subprocess.DEVNULL)
             runs.append(json.loads(out.read_text()))
+    unpruned = runs.pop(0)["step_s"]
+    for run in runs:
+        run["before_first_event_ratio"] = run["before_first_event_step_s"] / unpruned
+        run["after_last_event_ratio"] = run["after_last_event_step_s"] / unpruned
     write("distributed", args, {"model": MODEL_NAMES[args.smoke], "processes": 2,
                                 "backend": "gloo (CPU, 1 thread per process)",
                                 "batch": f"{args.batch_size} x {32 if args.smoke else 128} tokens per process",
-                                "target_ratio": 0.7, "runs": runs})  # fmt: skip
+                                "target_ratio": 0.7, "unpruned_step_s": unpruned, "runs": runs})  # fmt: skip
 
 
 if __name__ == "__main__":

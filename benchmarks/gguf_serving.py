@@ -91,7 +91,9 @@ def main() -> None:
             path = export_gguf(pruned, Path(tmp) / f"{ratio}-f32.gguf", dtype="f32", tokenizer=source)
             with torch.no_grad():
                 expected = pruned(torch.tensor([prompt])).logits[0].double().numpy()
-            actual = cpp_logits(llama(path, 2 * seq_len), prompt)
+            llm = llama(path, 2 * seq_len)
+            actual = cpp_logits(llm, prompt)
+            llm.close()
             row["f32_top1_agreement"] = float((actual.argmax(-1) == expected.argmax(-1)).mean())
             row["f32_max_abs_logit_diff"] = float(np.abs(actual - expected).max())
             for dtype in ("f16", "q8_0"):
@@ -100,6 +102,7 @@ def main() -> None:
                 row[f"{dtype}_bytes"] = path.stat().st_size
                 row[f"{dtype}_perplexity"] = cpp_perplexity(llm, evaluation)
                 row[f"{dtype}_tokens_per_s"] = tokens_per_second(llm, prompt[:16], args.new_tokens, args.repeats)
+                llm.close()
             rows.append(row)
             print(row, flush=True)
     base = rows[0]

@@ -36,7 +36,9 @@ def llama_cpp_logits(path, tokens: list[int]):
 
     llm = Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
     llm.eval(tokens)
-    return torch.tensor(llm.scores[: len(tokens)])
+    scores = torch.tensor(llm.scores[: len(tokens)])
+    llm.close()
+    return scores
 
 
 @needs_llama_cpp
