@@ -194,6 +194,10 @@ class LayerModules:
         rest = fused.module.weight.shape[fused.dim] - fused.blocks.count("q") * heads * head_dim
         return heads, rest // (fused.blocks.count("kv") * head_dim), channels
 
+    def all_units(self, head_dim: int) -> list[torch.Tensor]:
+        """Indices of every query head, kv head and MLP channel the module shapes hold."""
+        return [torch.arange(n) for n in self.shape_widths(head_dim)]
+
     def widths(self, head_dim: int) -> tuple[int, int, int]:
         """(query heads, kv heads, MLP channels) in use: the shapes, or the unmasked units in mask mode."""
         if self.live is not None:

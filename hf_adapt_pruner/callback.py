@@ -143,14 +143,17 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         if world_size == 1:
             return "mask" if self.config.mode == "mask" else "physical"
         trainer = self._trainer() if self._trainer is not None else None
-        wrapped = trainer.model_wrapped if trainer is not None else None
+        if trainer is None:
+            raise ValueError(
+                f"world_size={world_size}: the callback needs the Trainer's DDP wrapper; call "
+                "callback.attach(trainer) after creating the Trainer (the examples do)."
+            )
+        wrapped = trainer.model_wrapped
         if not isinstance(wrapped, DistributedDataParallel):
             raise ValueError(
-                f"world_size={world_size}: the callback needs the Trainer's DistributedDataParallel wrapper, but "
-                + ("callback.attach(trainer) was not called after creating the Trainer (the examples do)."
-                   if trainer is None else f"the Trainer wraps the model in {type(wrapped).__name__}. FSDP and "
-                   "DeepSpeed (sharded parameters) are not supported yet.")
-            )  # fmt: skip
+                f"The Trainer wraps the model in {type(wrapped).__name__}: pruning while training supports "
+                "DistributedDataParallel; FSDP and DeepSpeed (sharded parameters) are not supported yet."
+            )
         if self.config.mode == "mask":
             return "mask"
         reason = ddp_rebuild_unsupported(wrapped)

@@ -271,7 +271,7 @@ class AdaptivePruner:
         self.layout.sparsity = self.sparsity.tolist()
         self.model.config.head_dim = self.head_dim
         if self.mode == "mask":  # shapes unchanged: a stock checkpoint that carries its masks
-            live = [[index.tolist() for index in lm.live or all_units(lm, self.head_dim)] for lm in self.layers]
+            live = [[index.tolist() for index in lm.live or lm.all_units(self.head_dim)] for lm in self.layers]
             setattr(self.model.config, MASK_KEY, {**self.layout.to_dict(), "live": live})
             return
         setattr(self.model.config, LAYOUT_KEY, self.layout.to_dict())
@@ -317,11 +317,6 @@ class AdaptivePruner:
                 f"{unit:,} parameters each (whole heads, round_to={self.config.round_to} channels) and the floors "
                 "may bind. Lower round_to or use attention_unit='query_head' for finer steps."
             )
-
-
-def all_units(lm: LayerModules, head_dim: int) -> list[torch.Tensor]:
-    """Indices of every query head, kv head and channel the modules hold."""
-    return [torch.arange(n) for n in lm.shape_widths(head_dim)]
 
 
 def materialize_masks(model: nn.Module) -> nn.Module:

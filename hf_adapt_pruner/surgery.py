@@ -133,7 +133,7 @@ def mask_layer_(
 ) -> None:
     """Mask mode: keep the given units among those in use (`modules.live`) and zero the rest; shapes stay."""
     if modules.live is None:
-        modules.live = [torch.arange(n) for n in modules.shape_widths(head_dim)]
+        modules.live = modules.all_units(head_dim)
     plan = _check_plan(modules.index, modules.widths(head_dim), keep_q, keep_kv, keep_channels)
     modules.live = [live[keep] for live, keep in zip(modules.live, plan)]
     apply_masks_(modules, head_dim, optimizer)

@@ -1,6 +1,6 @@
 """A 2-process Trainer run with AdaptPrunerCallback, launched by tests/test_distributed.py through torchrun (gloo).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_job.py OUTPUT {resume,mask,disagree}
+    torchrun --nproc_per_node 2 tests/distributed_job.py OUTPUT {resume,mask,disagree,unattached}
 
 Writes OUTPUT/result.json on rank 0: whether parameters and optimizer state were bit-identical across ranks after
 every prune event and at the end, the layouts, parameter counts, stage targets and losses; saves the final model with
@@ -96,7 +96,8 @@ def train(model, output: Path, mode: str, resume: str | None = None):
     callback = AdaptPrunerCallback(config)
     recorder = Recorder(callback)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, recorder])
-    callback.attach(trainer)
+    if mode != "unattached":
+        callback.attach(trainer)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, callback, recorder
 

@@ -78,8 +78,12 @@ def test_resume_under_ddp_ends_with_the_same_layout(ddp_run):
     assert result["resumed_params"] == result["params"]
 
 
-def test_ranks_that_disagree_stop_with_a_clear_error(tmp_path):
-    job = launch(tmp_path, "disagree")
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [("disagree", "chose other heads or channels than rank 0"), ("unattached", "call callback.attach(trainer)")],
+)
+def test_clear_errors_stop_every_rank(mode, message, tmp_path):
+    job = launch(tmp_path, mode)  # disagree: rank 1 keeps the lowest-scored channels
     assert job.returncode != 0
-    assert "chose other heads or channels than rank 0" in job.stderr
+    assert message in job.stderr
     assert not (tmp_path / "result.json").exists()
