@@ -22,6 +22,7 @@ from .pruner import AdaptivePruner
 from .report import PruneReport
 from .schedule import Stage, build_schedule
 from .scorers import CalibrationScorer, StaticScorer
+from .sharding import has_sharded_parameters
 
 
 logger = logging.get_logger(__name__)
@@ -100,7 +101,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._guard_checkpoint_loading(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        mode = self._resolve_mode(args.world_size)
+        mode = self._resolve_mode(args.world_size, model)
         torch_optimizer = _torch_optimizer(optimizer)
         if torch_optimizer is not None and not isinstance(torch_optimizer, SLICEABLE_OPTIMIZERS):
             raise ValueError(
@@ -136,10 +137,17 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             self._prune(state, optimizer)  # an event at step 0 (calibration-based importance)
         self._update_window(state)
 
-    def _resolve_mode(self, world_size: int) -> str:
+    def _resolve_mode(self, world_size: int, model) -> str:
         """physical or mask, from the config and the engine; finds the DDP wrapper whose reducer physical pruning
         rebuilds after each event."""
         self._ddp = None
+        if model is not None and has_sharded_parameters(model):  # FSDP2 (fully_shard): shapes stay fixed
+            if self.config.mode == "physical":
+                raise ValueError(
+                    "mode='physical' cannot resize sharded parameters (FSDP2): use mode='mask' or 'auto'; the masked "
+                    "heads and channels are sliced away by save_pruned."
+                )
+            return "mask"
         if world_size == 1:
             return "mask" if self.config.mode == "mask" else "physical"
         trainer = self._trainer() if self._trainer is not None else None
@@ -152,7 +160,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         if not isinstance(wrapped, DistributedDataParallel):
             raise ValueError(
                 f"The Trainer wraps the model in {type(wrapped).__name__}: pruning while training supports "
-                "DistributedDataParallel; FSDP and DeepSpeed (sharded parameters) are not supported yet."
+                "DistributedDataParallel and FSDP2 (fsdp_config={'fsdp_version': 2}). FSDP1 flattens and DeepSpeed "
+                "partitions the parameters, where heads and channels cannot be found: switch to FSDP2 or DDP."
             )
         if self.config.mode == "mask":
             return "mask"

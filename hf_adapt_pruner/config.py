@@ -153,7 +153,7 @@ class PrunerConfig:
         metadata={
             "help": "physical (slice the weights: the model shrinks and trains faster), mask (zero the removed rows "
             "and columns and keep them at zero; shapes stay fixed, sliced at save_pruned), or auto: physical, and "
-            "mask under engines that shard parameters (FSDP, DeepSpeed)."
+            "mask when the parameters are sharded (FSDP2)."
         },
     )
     library_version: str = field(default=__version__, metadata={"help": "hf_adapt_pruner version that wrote this."})

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .architectures import LayerModules, PrunedModule
+from .sharding import full_tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def _entry_saliency(pruned: PrunedModule, metric: str) -> torch.Tensor:
                     "importance_source='calibration')."
                 )
             w = w * param.grad.detach().float()
-        entries = w.abs().sum(dim=1 - dim) if w.dim() == 2 else w.abs()
+        entries = full_tensor(w.abs().sum(dim=1 - dim) if w.dim() == 2 else w.abs())  # sharded: gathered
         total = entries if total is None else total + entries
     return total
 

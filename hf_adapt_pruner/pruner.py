@@ -31,6 +31,7 @@ from .modeling.modeling_adapt_pruner import pruned_parameters
 from .remote_code import base_model_type, mark_pruned
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer
+from .sharding import has_sharded_parameters
 from .surgery import apply_masks_, lora_factors, mask_layer_, prune_layer_
 
 
@@ -108,7 +109,14 @@ class AdaptivePruner:
     def __init__(self, model: nn.Module, config: PrunerConfig, mode: str | None = None):
         self.model = model = unwrap_peft(model)
         self.config = config
-        self.mode = mode or ("mask" if config.mode == "mask" else "physical")
+        sharded = has_sharded_parameters(model)
+        self.mode = mode or ("mask" if config.mode == "mask" or (config.mode == "auto" and sharded) else "physical")
+        if sharded and self.mode != "mask":
+            raise ValueError(
+                f"mode={self.mode!r}: the model's parameters are sharded (FSDP2 fully_shard / DTensor), and their "
+                "shapes are fixed while they are. Use mode='mask' (or 'auto'): masked heads and channels are sliced "
+                "away by save_pruned."
+            )
         self.spec = get_architecture(base_model_type(model.config.model_type))
         self.layers = layer_modules(model, self.spec)
         self.layout = current_layout(model)
@@ -322,10 +330,14 @@ class AdaptivePruner:
 def materialize_masks(model: nn.Module) -> nn.Module:
     """A mask-mode model sliced to its unmasked units: a pruned model like physical pruning gives (a copy; the
     masked model is left as it is). `save_pruned` calls this for models that carry masks."""
-    stored = getattr(model.config, MASK_KEY, None)
-    if stored is None:
+    if getattr(model.config, MASK_KEY, None) is None:
         raise ValueError(f"model.config has no {MASK_KEY!r}: the model carries no masks.")
-    sliced = copy.deepcopy(unwrap_peft(model))
+    return materialize_masks_(copy.deepcopy(unwrap_peft(model)))
+
+
+def materialize_masks_(sliced: nn.Module) -> nn.Module:
+    """`materialize_masks` in place (for a model that is already a copy)."""
+    stored = getattr(sliced.config, MASK_KEY)
     spec = get_architecture(base_model_type(sliced.config.model_type))
     layout = PrunedLayout.from_dict(stored, num_layers=sliced.config.num_hidden_layers)
     for lm, live in zip(layer_modules(sliced, spec), stored["live"]):

@@ -25,8 +25,9 @@ from .architectures import get_architecture
 from .config import PrunerConfig
 from .layout import LAYOUT_KEY, MASK_KEY, PrunedLayout
 from .modeling.modeling_adapt_pruner import block_sizes
-from .pruner import count_parameters, materialize_masks
+from .pruner import count_parameters, materialize_masks, materialize_masks_
 from .remote_code import base_model_type, clear_dequantized_gguf_marker, mark_pruned, pruned_classes
+from .sharding import gather_model, has_sharded_parameters
 
 
 logger = logging.get_logger(__name__)
@@ -71,9 +72,13 @@ def save_pruned(
         license: the card's license, when known.
         repo_id: the id shown in the card's usage snippet (default: the folder name).
 
-    In a multi-process run (torch.distributed initialised) only rank 0 writes; the other ranks return at once.
+    In a multi-process run (torch.distributed initialised) only rank 0 writes; the other ranks return at once. A
+    sharded model (FSDP2) is first gathered into a plain copy on rank 0 (a collective: call it on every rank).
     """
     target = Path(save_directory).absolute()
+    gathered = has_sharded_parameters(model)
+    if gathered:
+        model = gather_model(model)  # FSDP2: every rank takes part; rank 0 gets a plain copy
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return target  # in a multi-process run only rank 0 writes (as Trainer.save_model)
     if hasattr(model, "peft_config") or any(hasattr(m, "lora_A") for m in model.modules()):
@@ -83,7 +88,7 @@ def save_pruned(
             "peft_model.save_pretrained(dir) and the base with save_pruned(peft_model.unload(), ...)."
         )
     if getattr(model.config, MASK_KEY, None) is not None:
-        model = materialize_masks(model)  # mask mode: slice a copy to the unmasked units
+        model = materialize_masks_(model) if gathered else materialize_masks(model)  # slice to the unmasked units
     if target.exists() and not (overwrite and target.is_dir()):
         raise FileExistsError(
             f"{str(target)!r} already exists: pass overwrite=True to replace it, or choose another save_directory."

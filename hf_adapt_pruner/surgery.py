@@ -13,6 +13,7 @@ from torch import nn
 
 from .architectures import LayerModules, PrunedModule
 from .modeling.modeling_adapt_pruner import pruned_parameters, set_attention_head_counts, sync_sizes
+from .sharding import replicated_like
 
 
 def _check_index(index: torch.Tensor, size: int, what: str) -> torch.Tensor:
@@ -147,10 +148,11 @@ def apply_masks_(modules: LayerModules, head_dim: int, optimizer: torch.optim.Op
         for module in (pruned.module, *lora_factors(pruned)):
             for name, dim in pruned_parameters(module, pruned.dim):
                 param = getattr(module, name)
-                dropped = torch.ones(param.shape[dim], dtype=torch.bool, device=param.device)
-                dropped[kept.to(param.device)] = False
-                tensors = [param.data, *(optimizer.state.get(param, {}).values() if optimizer is not None else ())]
+                dropped = torch.ones(param.shape[dim], dtype=torch.bool)
+                dropped[kept] = False
+                dropped = replicated_like(dropped.view([-1 if d == dim else 1 for d in range(param.dim())]), param)
+                tensors = [param, *(optimizer.state.get(param, {}).values() if optimizer is not None else ())]
                 with torch.no_grad():
                     for tensor in tensors:
                         if isinstance(tensor, torch.Tensor) and tensor.shape == param.shape:
-                            tensor.index_fill_(dim, dropped.nonzero().flatten(), 0)
+                            tensor.masked_fill_(dropped, 0)  # on a sharded tensor, each rank fills its shard

@@ -1,4 +1,5 @@
-"""AdaptPrunerCallback under DDP: 2 CPU processes (gloo) launched with torchrun, running tests/distributed_job.py."""
+"""AdaptPrunerCallback in 2 CPU processes (gloo) launched with torchrun: under the Trainer's DDP
+(tests/distributed_job.py) and on an FSDP2-sharded model (tests/fsdp_job.py: the Trainer will not shard on CPU)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,24 @@ from test_serialization import load_in_fresh_process
 
 
 JOB = Path(__file__).parent / "distributed_job.py"
+FSDP_JOB = Path(__file__).parent / "fsdp_job.py"
 
 
-def launch(output: Path, mode: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(JOB),
-               str(output), mode]  # fmt: skip
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# accelerate's own launcher; --multi_gpu is its torchrun-based launcher (--cpu would ask for MPI); the job runs on CPU
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def launch(output: Path, mode: str, job: Path = JOB, launcher: list = TORCHRUN) -> subprocess.CompletedProcess:
+    command = [*launcher, str(job), str(output), mode]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
 
 
-def run_job(tmp_path_factory, mode: str) -> tuple[Path, dict]:
+def run_job(tmp_path_factory, mode: str, job: Path = JOB, launcher: list = TORCHRUN) -> tuple[Path, dict]:
     output = tmp_path_factory.mktemp(mode)
-    job = launch(output, mode)
+    job = launch(output, mode, job, launcher)
     assert job.returncode == 0, job.stderr[-4000:]
     return output, json.loads((output / "result.json").read_text())
 
@@ -37,15 +44,25 @@ def ddp_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def accelerate_run(tmp_path_factory):
+    return run_job(tmp_path_factory, "resume", launcher=ACCELERATE)  # the same job under `accelerate launch`
+
+
+@pytest.fixture(scope="module")
 def mask_run(tmp_path_factory):
     return run_job(tmp_path_factory, "mask")
 
 
-@pytest.mark.parametrize("run", ["ddp_run", "mask_run"])
+@pytest.fixture(scope="module", params=["training", "calibration"])
+def fsdp_run(request, tmp_path_factory):
+    return run_job(tmp_path_factory, request.param, FSDP_JOB)  # importance from training or calibration batches
+
+
+@pytest.mark.parametrize("run", ["ddp_run", "accelerate_run", "mask_run"])
 def test_ranks_stay_bit_identical_through_prune_events(run, request):
     _, result = request.getfixturevalue(run)
     assert [c["step"] for c in result["checks"]] == [2, 9]
-    assert {c["mode"] for c in result["checks"]} == {"physical" if run == "ddp_run" else "mask"}
+    assert {c["mode"] for c in result["checks"]} == {"mask" if run == "mask_run" else "physical"}
     assert all(c["identical"] for c in result["checks"]) and result["final_identical"]
     for check, target in zip(result["checks"], result["targets"]):
         assert abs(check["params"] - target) <= 0.01 * target
@@ -53,14 +70,14 @@ def test_ranks_stay_bit_identical_through_prune_events(run, request):
     assert all(torch.isfinite(torch.tensor(result["losses"])))
 
 
-@pytest.mark.parametrize("run", ["ddp_run", "mask_run"])
+@pytest.mark.parametrize("run", ["ddp_run", "accelerate_run", "mask_run"])
 def test_saved_model_loads_in_a_fresh_process_with_equal_logits(run, request):
     output, _ = request.getfixturevalue(run)
     expected = torch.load(output / "logits.pt")  # the trained (masked) model's, on test_serialization.INPUT
     loaded = load_in_fresh_process(output / "final")
     torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, atol=1e-5, rtol=0)
     checkpoint = json.loads((output / "run" / "checkpoint-12" / "config.json").read_text())
-    if run == "ddp_run":
+    if run != "mask_run":
         assert checkpoint["model_type"] == "adapt_pruned_llama"  # Trainer checkpoints are pruned models too
     else:  # full-size stock checkpoints that carry their masks; save_pruned slices them
         assert checkpoint["model_type"] == "llama" and "pruned_mask" in checkpoint
@@ -71,19 +88,44 @@ def test_mask_mode_keeps_masked_weights_at_zero(mask_run):
     assert result["masked_zero_every_step"]
 
 
-def test_resume_under_ddp_ends_with_the_same_layout(ddp_run):
-    _, result = ddp_run
+@pytest.mark.parametrize("run", ["ddp_run", "accelerate_run"])
+def test_resume_under_ddp_ends_with_the_same_layout(run, request):
+    _, result = request.getfixturevalue(run)
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         assert result["resumed_layout"][key] == result["layout"][key]
     assert result["resumed_params"] == result["params"]
 
 
+def test_fsdp2_prunes_with_masks_that_stay_zero(fsdp_run):
+    _, result = fsdp_run
+    assert [e["mode"] for e in result["events"]] == ["mask", "mask"]
+    assert all(e["same_on_every_rank"] for e in result["events"])
+    assert result["zero_after_every_step"]  # weights and Adam moments of masked units, gathered from the shards
+    for event, target in zip(result["events"], result["targets"]):  # at most one head group below the target
+        assert target * 0.95 <= event["params"] <= target * 1.005
+    assert result["events"][0]["params"] > result["events"][1]["params"] == result["params"]
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+
+
+def test_fsdp2_save_gathers_and_slices_with_equal_logits(fsdp_run):
+    output, _ = fsdp_run
+    expected = torch.load(output / "logits.pt")  # the sharded, masked model's
+    loaded = load_in_fresh_process(output / "final")
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, atol=1e-5, rtol=0)
+    config = json.loads((output / "final" / "config.json").read_text())
+    assert config["model_type"] == "adapt_pruned_llama" and "pruned_mask" not in config
+
+
 @pytest.mark.parametrize(
-    ("mode", "message"),
-    [("disagree", "chose other heads or channels than rank 0"), ("unattached", "call callback.attach(trainer)")],
+    ("mode", "message", "job"),
+    [
+        ("disagree", "chose other heads or channels than rank 0", JOB),
+        ("unattached", "call callback.attach(trainer)", JOB),
+        ("physical", "mode='physical' cannot resize sharded parameters (FSDP2)", FSDP_JOB),
+    ],
 )
-def test_clear_errors_stop_every_rank(mode, message, tmp_path):
-    job = launch(tmp_path, mode)  # disagree: rank 1 keeps the lowest-scored channels
+def test_clear_errors_stop_every_rank(mode, message, job, tmp_path):
+    job = launch(tmp_path, mode, job)  # disagree: rank 1 keeps the lowest-scored channels
     assert job.returncode != 0
     assert message in job.stderr
     assert not (tmp_path / "result.json").exists()
