@@ -1,7 +1,7 @@
 """Sharded parameters (FSDP2's `fully_shard`, or any `DTensor` parameters): what mask mode needs of them.
 
 Shapes are global on a `DTensor` (`param.shape` is the full shape), so widths, layouts and parameter counts read the
-same as on a plain model. Three things differ, and each is a collective that every rank runs in the same order:
+same as on a plain model. Three things differ (scores and saving are collectives: every rank runs them, in order):
 - scores: per-entry saliencies summed from local shards are gathered into full vectors (`full_tensor`);
 - masks: a mask built on every rank is applied to each rank's own shard (`replicated_like`, a local operation);
 - saving: the full state dict is gathered on rank 0, which loads it into a plain copy of the model (`gather_model`).
