@@ -137,19 +137,12 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             self._prune(state, optimizer)  # an event at step 0 (calibration-based importance)
         self._update_window(state)
 
-    def _resolve_mode(self, world_size: int, model) -> str:
-        """physical or mask, from the config and the engine; finds the DDP wrapper whose reducer physical pruning
-        rebuilds after each event."""
+    def _resolve_mode(self, world_size: int, model) -> str | None:
+        """physical or mask under DDP, where it depends on the wrapper (whose reducer physical pruning rebuilds after
+        each event); None where `AdaptivePruner` decides from the config and the model (one process, FSDP2)."""
         self._ddp = None
-        if model is not None and has_sharded_parameters(model):  # FSDP2 (fully_shard): shapes stay fixed
-            if self.config.mode == "physical":
-                raise ValueError(
-                    "mode='physical' cannot resize sharded parameters (FSDP2): use mode='mask' or 'auto'; the masked "
-                    "heads and channels are sliced away by save_pruned."
-                )
-            return "mask"
-        if world_size == 1:
-            return "mask" if self.config.mode == "mask" else "physical"
+        if world_size == 1 or has_sharded_parameters(model):
+            return None
         trainer = self._trainer() if self._trainer is not None else None
         if trainer is None:
             raise ValueError(

@@ -113,9 +113,9 @@ class AdaptivePruner:
         self.mode = mode or ("mask" if config.mode == "mask" or (config.mode == "auto" and sharded) else "physical")
         if sharded and self.mode != "mask":
             raise ValueError(
-                f"mode={self.mode!r}: the model's parameters are sharded (FSDP2 fully_shard / DTensor), and their "
-                "shapes are fixed while they are. Use mode='mask' (or 'auto'): masked heads and channels are sliced "
-                "away by save_pruned."
+                f"mode={self.mode!r} cannot resize sharded parameters (FSDP2): the model's parameters are DTensors "
+                "(fully_shard), whose shapes stay fixed. Use mode='mask' or 'auto'; the masked heads and channels are "
+                "sliced away by save_pruned."
             )
         self.spec = get_architecture(base_model_type(model.config.model_type))
         self.layers = layer_modules(model, self.spec)

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hf_adapt_pruner.pruner
 from hf_adapt_pruner import AdaptPrunerCallback, PrunerConfig, count_parameters, load_pruned, save_pruned
+from hf_adapt_pruner.sharding import full_tensor
 from hf_adapt_pruner.surgery import _kept_per_module
 
 
@@ -50,17 +51,20 @@ def identical_across_ranks(model, optimizer) -> bool:
     return len(set(digests)) == 1
 
 
-def masked_weights_are_zero(pruner) -> bool:
-    """Mask mode: every weight of a masked head or channel is exactly zero."""
+def masked_units_are_zero(pruner, optimizer=None) -> bool:
+    """Mask mode: every weight of a masked head or channel is exactly zero, and with `optimizer` its state tensors
+    shaped like the weight too (sharded tensors are gathered: then a collective)."""
     for lm in pruner.layers:
         if lm.live is None:
             continue
         for pruned, kept in _kept_per_module(lm, pruner.head_dim, lm.live):
-            weight = pruned.module.weight.detach()
+            weight = pruned.module.weight
             dropped = torch.ones(weight.shape[pruned.dim], dtype=torch.bool)
             dropped[kept] = False
-            if weight.index_select(pruned.dim, dropped.nonzero().flatten()).count_nonzero():
-                return False
+            state = optimizer.state.get(weight, {}).values() if optimizer is not None else ()
+            for tensor in (weight, *(v for v in state if v.shape == weight.shape)):
+                if full_tensor(tensor.detach()).index_select(pruned.dim, dropped.nonzero().flatten()).count_nonzero():
+                    return False
     return True
 
 
@@ -76,7 +80,7 @@ class Recorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         pruner = self.pruner_callback._pruner
-        if pruner.mode == "mask" and not masked_weights_are_zero(pruner):
+        if pruner.mode == "mask" and not masked_units_are_zero(pruner):
             self.masked_zero_every_step = False
         if self.pruner_callback.events_done > self.events_seen:
             self.events_seen = self.pruner_callback.events_done

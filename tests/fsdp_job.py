@@ -25,33 +25,15 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import CallbackHandler
 
 from hf_adapt_pruner import AdaptPrunerCallback, PrunerConfig, save_pruned
-from hf_adapt_pruner.sharding import full_tensor
-from hf_adapt_pruner.surgery import _kept_per_module
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_job import PROMPT
+from distributed_job import PROMPT, masked_units_are_zero
 
 from tiny_models import calibration_blocks, tiny_model, tiny_tokenizer
 
 
 STEPS = 12
-
-
-def masked_state_is_zero(pruner, optimizer) -> bool:
-    """Every weight of a masked head or channel, and its Adam moments, are exactly zero (gathered: collective)."""
-    zero = True
-    for lm in pruner.layers:
-        if lm.live is None:
-            continue
-        for pruned, kept in _kept_per_module(lm, pruner.head_dim, lm.live):
-            param = pruned.module.weight
-            dropped = torch.ones(param.shape[pruned.dim], dtype=torch.bool)
-            dropped[kept] = False
-            for tensor in (param, *(v for v in optimizer.state.get(param, {}).values() if v.shape == param.shape)):
-                values = full_tensor(tensor.detach()).index_select(pruned.dim, dropped.nonzero().flatten())
-                zero &= not values.count_nonzero()
-    return zero
 
 
 class Recorder(TrainerCallback):
@@ -65,7 +47,7 @@ class Recorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         pruner = self.pruner_callback._pruner
-        self.zero_after_every_step &= masked_state_is_zero(pruner, optimizer)
+        self.zero_after_every_step &= masked_units_are_zero(pruner, optimizer)  # collective
         if self.pruner_callback.events_done > len(self.events):
             layouts = [None] * dist.get_world_size()
             dist.all_gather_object(layouts, pruner.model.config.pruned_mask)
