@@ -6,21 +6,33 @@ The paper's update, for layer `i` at one inner step:
 
     s_i <- clamp(s_i + delta - A * I_i, 0, max_layer_sparsity)
 
-Widths follow from a layer's sparsity in parameter units: the layer's prunable parameters are budgeted to
-`(1 - s_i) * base`, attention is rounded to whole heads (or kv groups) and the MLP absorbs the rounding, so a
-layer lands on its budget even though heads are coarse. The last inner step of an event is solved (bisection on
-the step size) so that the model's count lands on the target instead of overshooting it.
+A layer's sparsity is a parameter budget, `(1 - s_i) * base` of its prunable parameters. How the budget is met is a
+`LayerPlan`:
+
+- `ScorePlan` (`allocation="score"`, the default): every removable unit of the layer (a kv group with its query
+  heads, or one query head per kv group; a `round_to` block of MLP channels) is ranked by its importance per
+  parameter, and the cheapest go first until the layer is within its budget. Attention and MLP compete on one
+  scale, so a layer loses a kv group only when its scores say that costs less than the channels it would replace.
+- `ProportionalPlan` (`allocation="proportional"`, the paper's code): attention keeps `round(keep * heads)` whole
+  heads (or kv groups) and the MLP absorbs the rounding.
+
+The last inner step of an event is solved (bisection on the step size) so that the model's count lands at or below
+the target, then removed units are handed back, most valuable first, while the count stays at or below it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .config import PrunerConfig
+from .importance import GroupScores
 from .layout import LayerWidths
 
 
@@ -34,43 +46,50 @@ class LayerGeometry:
     channel_cost: int  # gate and up rows (+ biases) and the down column of one MLP channel
 
     def params(self, widths: LayerWidths) -> int:
-        return (
-            widths.num_attention_heads * self.q_head_cost
-            + widths.num_key_value_heads * self.kv_head_cost
-            + widths.intermediate_size * self.channel_cost
-        )
+        return self.attention_params(widths) + widths.intermediate_size * self.channel_cost
+
+    def attention_params(self, widths: LayerWidths) -> int:
+        return widths.num_attention_heads * self.q_head_cost + widths.num_key_value_heads * self.kv_head_cost
+
+    def prunable(self, widths: LayerWidths, config: PrunerConfig) -> int:
+        """Parameters of the kinds `config` prunes (attention, MLP or both)."""
+        mlp = widths.intermediate_size * self.channel_cost
+        return self.attention_params(widths) * config.prune_attention + mlp * config.prune_mlp
 
     def prunable_base(self, config: PrunerConfig) -> int:
-        attention = (
-            self.base.num_attention_heads * self.q_head_cost + self.base.num_key_value_heads * self.kv_head_cost
-        )
-        mlp = self.base.intermediate_size * self.channel_cost
-        return attention * config.prune_attention + mlp * config.prune_mlp
+        return self.prunable(self.base, config)
 
 
 def _round_to_multiple(value: float, multiple: int) -> int:
     return round(value / multiple) * multiple
 
 
+def _attention_floors(heads: int, kv: int, config: PrunerConfig) -> tuple[int, int]:
+    """(fewest kv groups, fewest query heads per kv group) a layer may keep."""
+    group = heads // kv
+    return max(config.min_kv_heads, math.ceil(config.min_heads / group)), max(1, math.ceil(config.min_heads / kv))
+
+
 def widths_for_sparsity(
     geometry: LayerGeometry, current: LayerWidths, sparsity: float, config: PrunerConfig
 ) -> LayerWidths:
-    """The widths a layer should have at `sparsity`, never wider than `current` and never below the floors."""
+    """Proportional allocation: the widths a layer has at `sparsity`, never wider than `current`, never below the
+    floors. Attention is rounded to whole heads (or kv groups) in proportion to the sparsity; the MLP takes the rest
+    of the budget."""
     keep = 1.0 - sparsity
     base = geometry.base
     budget = keep * geometry.prunable_base(config)
     heads, kv = current.num_attention_heads, current.num_key_value_heads
     if config.prune_attention:
+        group = heads // kv  # query heads per kv head; whole groups go, so the ratio never changes
+        kv_floor, per_group_floor = _attention_floors(heads, kv, config)
         if config.attention_unit == "kv_group":
-            group = heads // kv  # query heads per kv head; whole groups go, so the ratio never changes
-            floor = max(config.min_kv_heads, math.ceil(config.min_heads / group))
-            kv = min(kv, max(floor, round(keep * base.num_key_value_heads)))
+            kv = min(kv, max(kv_floor, round(keep * base.num_key_value_heads)))
             heads = kv * group
         else:  # query_head: the same number of query heads leaves every kv group
-            floor = max(1, math.ceil(config.min_heads / kv))
-            per_group = min(heads // kv, max(floor, round(keep * base.num_attention_heads / base.num_key_value_heads)))
-            heads = per_group * kv
-        budget -= heads * geometry.q_head_cost + kv * geometry.kv_head_cost
+            wanted = round(keep * base.num_attention_heads / base.num_key_value_heads)
+            heads = min(group, max(per_group_floor, wanted)) * kv
+        budget -= geometry.attention_params(LayerWidths(heads, kv, 0))
     channels = current.intermediate_size
     if config.prune_mlp:
         wanted = _round_to_multiple(budget / geometry.channel_cost, config.round_to)
@@ -94,6 +113,170 @@ def normalize_importance(raw: torch.Tensor) -> torch.Tensor:
     return centred / scale if scale > 0 else torch.zeros_like(centred)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Layer plans: how a layer meets its budget, and what it can give back when an event lands below its target
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Growth:
+    """One unit a layer can take back: its widths afterwards, its cost, and how valuable it is."""
+
+    widths: LayerWidths
+    cost: int
+    value: float
+
+
+class LayerPlan(Protocol):
+    geometry: LayerGeometry
+    current: LayerWidths  # the layer's widths when the plan was made
+
+    def widths(self, sparsity: float) -> LayerWidths: ...
+
+    def grow(self, widths: LayerWidths, room: int) -> Growth | None:
+        """The most valuable unit removed in this step that costs at most `room` parameters, given back."""
+
+
+class ProportionalPlan:
+    """`widths_for_sparsity`; gives back `round_to` MLP channels at a time, most important layers first."""
+
+    def __init__(self, geometry: LayerGeometry, current: LayerWidths, importance: float, config: PrunerConfig):
+        self.geometry, self.current, self.importance, self.config = geometry, current, importance, config
+
+    def widths(self, sparsity: float) -> LayerWidths:
+        return widths_for_sparsity(self.geometry, self.current, sparsity, self.config)
+
+    def grow(self, widths: LayerWidths, room: int) -> Growth | None:
+        add = min(self.config.round_to, self.current.intermediate_size - widths.intermediate_size)
+        if not self.config.prune_mlp or add <= 0 or add * self.geometry.channel_cost > room:
+            return None
+        wider = LayerWidths(widths.num_attention_heads, widths.num_key_value_heads, widths.intermediate_size + add)
+        return Growth(wider, add * self.geometry.channel_cost, self.importance)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    kind: str  # "attention" or "mlp"
+    size: int  # kv groups or query heads per kv group (attention), channels (mlp)
+    cost: int
+    score: float
+
+    @property
+    def value(self) -> float:
+        return self.score / self.cost
+
+
+def kv_group_scores(scores: GroupScores) -> torch.Tensor:
+    """(kv,) score of each kv head together with the query heads that read it (`h // group`, as `repeat_kv`)."""
+    kv = scores.kv_heads.numel()
+    return scores.kv_heads.double() + scores.q_heads.double().view(kv, -1).sum(dim=1)
+
+
+def removal_order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices from least to most important: the reverse of `select_top`'s keep order (ties: higher index first)."""
+    return torch.sort(-scores.double(), stable=True).indices.flip(0)
+
+
+class ScorePlan:
+    """Removes the layer's units in order of importance per parameter, attention and MLP on one scale.
+
+    Each kind's units are in ascending value (score per parameter), and the two lists are merged into a ladder: rung
+    `k` is the layer after its `k` cheapest units are gone. `widths(s)` climbs to the first rung within the budget of
+    sparsity `s`, so widths only narrow as `s` grows. `grow` offers back the most valuable unit removed so far that
+    fits: the last removed attention unit or the last removed MLP block.
+    """
+
+    def __init__(self, geometry: LayerGeometry, current: LayerWidths, scores: GroupScores, config: PrunerConfig):
+        self.geometry, self.current, self.config = geometry, current, config
+        self.base_budget = geometry.prunable_base(config)
+        self.current_prunable = geometry.prunable(current, config)
+        self.attention = self._attention_units(scores)
+        self.mlp = self._mlp_units(scores)
+        self.mlp_removed = [0, *itertools.accumulate(unit.size for unit in self.mlp)]  # channels gone after m units
+        # a stable sort: each kind keeps its own ascending order
+        merged = sorted([(u.value, 0, u.cost) for u in self.attention] + [(u.value, 1, u.cost) for u in self.mlp],
+                        key=lambda entry: entry[0])  # fmt: skip
+        counts, self.rungs, self.removed = [0, 0], [current], [0]
+        for _, kind, cost in merged:
+            counts[kind] += 1
+            self.rungs.append(self._widths(*counts))
+            self.removed.append(self.removed[-1] + cost)
+
+    def _attention_units(self, scores: GroupScores) -> list[_Unit]:
+        if not self.config.prune_attention:
+            return []
+        heads, kv = self.current.num_attention_heads, self.current.num_key_value_heads
+        group = heads // kv
+        kv_floor, per_group_floor = _attention_floors(heads, kv, self.config)
+        g = self.geometry
+        if self.config.attention_unit == "kv_group":
+            group_scores = kv_group_scores(scores)
+            cost = group * g.q_head_cost + g.kv_head_cost
+            return [_Unit("attention", 1, cost, float(group_scores[j]))
+                    for j in removal_order(group_scores)[: max(0, kv - kv_floor)]]  # fmt: skip
+        # query_head: unit r takes the r-th least important query head out of every kv group
+        q = scores.q_heads.double().view(kv, group)
+        ascending = torch.stack([q[j][removal_order(q[j])] for j in range(kv)])  # (kv, group)
+        return [_Unit("attention", 1, kv * g.q_head_cost, float(ascending[:, r].sum()))
+                for r in range(max(0, group - per_group_floor))]  # fmt: skip
+
+    def _mlp_units(self, scores: GroupScores) -> list[_Unit]:
+        if not self.config.prune_mlp:
+            return []
+        channels, round_to = self.current.intermediate_size, self.config.round_to
+        removable = channels - min(self.config.min_intermediate_size, channels)
+        ordered = scores.channels.double()[removal_order(scores.channels)][:removable]
+        first = channels % round_to  # the first unit brings the width down to a multiple of round_to
+        bounds = [0, first] if 0 < first <= removable else [0]
+        bounds += range(first + round_to, removable + 1, round_to)
+        cost = self.geometry.channel_cost
+        return [_Unit("mlp", end - start, (end - start) * cost, float(ordered[start:end].sum()))
+                for start, end in itertools.pairwise(bounds)]  # fmt: skip
+
+    def _widths(self, attention_units: int, mlp_units: int) -> LayerWidths:
+        """The layer after its `attention_units` and `mlp_units` cheapest units of each kind are gone."""
+        heads, kv, channels = self.current.as_tuple()
+        group = heads // kv
+        if self.config.attention_unit == "kv_group":
+            heads, kv = heads - attention_units * group, kv - attention_units
+        else:
+            heads -= attention_units * kv
+        return LayerWidths(heads, kv, channels - self.mlp_removed[mlp_units])
+
+    def widths(self, sparsity: float) -> LayerWidths:
+        need = self.current_prunable - (1.0 - sparsity) * self.base_budget  # parameters to remove
+        if need <= 0:
+            return self.rungs[0]
+        return self.rungs[min(bisect_left(self.removed, need), len(self.rungs) - 1)]
+
+    def grow(self, widths: LayerWidths, room: int) -> Growth | None:
+        heads, kv, channels = self.current.as_tuple()
+        if self.config.attention_unit == "kv_group":
+            a = kv - widths.num_key_value_heads
+        else:
+            a = (heads - widths.num_attention_heads) // kv
+        m = self.mlp_removed.index(channels - widths.intermediate_size)
+        options = []
+        if a > 0:
+            options.append(Growth(self._widths(a - 1, m), self.attention[a - 1].cost, self.attention[a - 1].value))
+        if m > 0:
+            options.append(Growth(self._widths(a, m - 1), self.mlp[m - 1].cost, self.mlp[m - 1].value))
+        return max((o for o in options if o.cost <= room), key=lambda o: o.value, default=None)
+
+
+def layer_plans(
+    geometries: Sequence[LayerGeometry],
+    current: Sequence[LayerWidths],
+    scores: Sequence[GroupScores],
+    importance: torch.Tensor,
+    config: PrunerConfig,
+) -> list[LayerPlan]:
+    if config.allocation == "proportional":
+        return [ProportionalPlan(g, w, float(i), config) for g, w, i in zip(geometries, current, importance)]
+    return [ScorePlan(g, w, s, config) for g, w, s in zip(geometries, current, scores)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One inner step
+# ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class StepResult:
     sparsity: torch.Tensor  # (L,) float64, the new per-layer sparsity state
@@ -102,8 +285,7 @@ class StepResult:
 
 
 def allocation_step(
-    geometries: Sequence[LayerGeometry],
-    current: Sequence[LayerWidths],
+    plans: Sequence[LayerPlan],
     sparsity: torch.Tensor,
     importance: torch.Tensor,
     delta: float,
@@ -119,10 +301,11 @@ def allocation_step(
     their target instead of jumping past it.
     """
     increment = delta - config.amplitude * importance.double()  # (L,)
+    geometries = [plan.geometry for plan in plans]
 
     def evaluate(c: float, inc: torch.Tensor = increment) -> StepResult:
         s = (sparsity + c * inc).clamp(0.0, config.max_layer_sparsity)
-        widths = [widths_for_sparsity(g, w, float(si), config) for g, w, si in zip(geometries, current, s)]
+        widths = [plan.widths(float(si)) for plan, si in zip(plans, s)]
         return StepResult(s, widths, model_params(geometries, widths, fixed_params))
 
     step = evaluate(1.0)
@@ -147,34 +330,37 @@ def allocation_step(
             hi = mid
         else:
             lo = mid
-    return _fill_slack(geometries, current, evaluate(hi, increment), importance, target_params, config)
+    return _fill_slack(plans, evaluate(hi, increment), target_params, config)
 
 
-def _fill_slack(
-    geometries: Sequence[LayerGeometry],
-    current: Sequence[LayerWidths],
-    step: StepResult,
-    importance: torch.Tensor,
-    target_params: int,
-    config: PrunerConfig,
-) -> StepResult:
-    """Give back MLP channels (not yet removed in this step) while the count stays at or below the target.
+def _fill_slack(plans: Sequence[LayerPlan], step: StepResult, target_params: int, config: PrunerConfig) -> StepResult:
+    """Give back units removed in this step, most valuable first, while the count stays at or below the target.
 
-    The solved step may land a whole head group below the target (heads are coarse); handing the slack back as
-    channels, most important layers first, brings the count to within one `round_to` block of the target.
+    The solved step may land up to one coarse unit (a kv group) below the target; handing back what fits brings the
+    count to within the smallest unit of the target. If `round_to` blocks are still too coarse for
+    `target_tolerance` (small layers), the layer with the most channels removed in this step takes back single
+    channels, so its width is not a multiple of `round_to`.
     """
-    if not config.prune_mlp:
-        return step
     slack = target_params - step.num_parameters
     widths = list(step.widths)
-    for i in torch.sort(-importance.double(), stable=True).indices.tolist():
-        block = geometries[i].channel_cost * config.round_to
-        room = current[i].intermediate_size - widths[i].intermediate_size
-        add = min(room, (slack // block) * config.round_to)
-        if add > 0:
-            widths[i] = LayerWidths(widths[i].num_attention_heads, widths[i].num_key_value_heads,
-                                    widths[i].intermediate_size + add)  # fmt: skip
-            slack -= add * geometries[i].channel_cost
+    while True:
+        best: tuple[int, Growth] | None = None
+        for i, plan in enumerate(plans):
+            growth = plan.grow(widths[i], slack)
+            if growth is not None and (best is None or growth.value > best[1].value):
+                best = (i, growth)
+        if best is None:
+            break
+        i, growth = best
+        widths[i] = growth.widths
+        slack -= growth.cost
+    if config.prune_mlp and slack > config.target_tolerance * target_params:
+        removed = [plan.current.intermediate_size - w.intermediate_size for plan, w in zip(plans, widths)]
+        i = max(range(len(plans)), key=removed.__getitem__)
+        add = min(removed[i], slack // plans[i].geometry.channel_cost)
+        heads, kv, channels = widths[i].as_tuple()
+        widths[i] = LayerWidths(heads, kv, channels + add)
+        slack -= add * plans[i].geometry.channel_cost
     return StepResult(step.sparsity, widths, target_params - slack)
 
 
@@ -186,20 +372,17 @@ def select_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.sort(order[:keep]).values
 
 
-def select_heads(
-    q_scores: torch.Tensor, kv_scores: torch.Tensor, target: LayerWidths, config: PrunerConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+def select_heads(scores: GroupScores, target: LayerWidths) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept (query head, kv head) indices. Query head `h` belongs to kv head `h // group`, as `repeat_kv` expects."""
-    heads, kv = q_scores.numel(), kv_scores.numel()
+    heads, kv = scores.q_heads.numel(), scores.kv_heads.numel()
     group = heads // kv
     if target.num_key_value_heads < kv:  # kv_group: a kv head goes together with its query heads
-        group_scores = kv_scores.double() + q_scores.double().view(kv, group).sum(dim=1)
-        keep_kv = select_top(group_scores, target.num_key_value_heads)
+        keep_kv = select_top(kv_group_scores(scores), target.num_key_value_heads)
         keep_q = (keep_kv[:, None] * group + torch.arange(group)[None, :]).flatten()
         return keep_q, keep_kv
     per_group = target.num_attention_heads // kv
     if per_group < group:  # query_head: the best `per_group` query heads of every kv group
-        within = [select_top(q_scores.view(kv, group)[j], per_group) + j * group for j in range(kv)]
+        within = [select_top(scores.q_heads.view(kv, group)[j], per_group) + j * group for j in range(kv)]
         return torch.cat(within), torch.arange(kv)
     return torch.arange(heads), torch.arange(kv)
 

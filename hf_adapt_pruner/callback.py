@@ -263,7 +263,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             pool = CalibrationPool(self.calibration_data, config.calibration_samples, config.calibration_batch_size,
                                    config.seed + self.events_done)  # fmt: skip
             return CalibrationScorer(pruner.model, pool, config.layer_importance, config.group_importance, config.seed,
-                                     progress=self._progress)  # fmt: skip
+                                     progress=self._progress, rescore_every=config.rescore_every)  # fmt: skip
         importance = self._collector.importance()
         if config.group_importance == "taylor":
             if self._scores is None:

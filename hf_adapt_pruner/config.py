@@ -18,6 +18,7 @@ logger = logging.get_logger(__name__)
 LAYER_IMPORTANCE_METRICS = ("cosine", "euclidean", "manhattan")
 GROUP_IMPORTANCE_METRICS = ("taylor", "magnitude", "random")
 ATTENTION_UNITS = ("kv_group", "query_head")
+ALLOCATIONS = ("score", "proportional")
 MODES = ("auto", "physical", "mask")
 DATA_SPLITS = ("linear", "constant", "cosine")
 IMPORTANCE_SOURCES = ("training", "calibration")
@@ -105,6 +106,14 @@ class PrunerConfig:
             "as in the paper's code; shrinks the KV cache) or query_head (one query head from every kv group)."
         },
     )
+    allocation: str = field(
+        default="score",
+        metadata={
+            "help": "How a layer's parameter budget is split between attention and MLP: score (remove the units with "
+            "the lowest importance per parameter, kv groups and channel blocks alike) or proportional (the paper's "
+            "code: heads in proportion to the layer's sparsity, the MLP takes the rounding)."
+        },
+    )
     min_heads: int = field(default=1, metadata={"help": "Minimum query heads kept in every layer."})
     min_kv_heads: int = field(default=1, metadata={"help": "Minimum key/value heads kept in every layer."})
     min_intermediate_size: int = field(default=8, metadata={"help": "Minimum MLP channels kept in every layer."})
@@ -118,6 +127,13 @@ class PrunerConfig:
     inner_steps: int = field(
         default=50,
         metadata={"help": "Inner iterations per prune event (paper: 50); importances are re-measured at each one."},
+    )
+    rescore_every: int = field(
+        default=1,
+        metadata={
+            "help": "Re-measure importances on calibration data every N inner steps (1: every step, as the paper); in "
+            "between, the last scores are reused with removed units dropped, N times fewer forward/backward passes."
+        },
     )
     calibration_samples: int = field(
         default=32, metadata={"help": "Calibration sequences used per inner step (resampled from the pool)."}
@@ -163,6 +179,7 @@ class PrunerConfig:
         _check_choice("layer_importance", self.layer_importance, LAYER_IMPORTANCE_METRICS)
         _check_choice("group_importance", self.group_importance, GROUP_IMPORTANCE_METRICS)
         _check_choice("attention_unit", self.attention_unit, ATTENTION_UNITS)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
         _check_choice("data_split", self.data_split, DATA_SPLITS)
         _check_choice("importance_source", self.importance_source, IMPORTANCE_SOURCES)
         _check_choice("mode", self.mode, MODES)
@@ -182,6 +199,7 @@ class PrunerConfig:
             "min_intermediate_size",
             "round_to",
             "inner_steps",
+            "rescore_every",
             "calibration_samples",
             "calibration_seq_len",
             "calibration_batch_size",

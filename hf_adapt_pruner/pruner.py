@@ -16,6 +16,7 @@ from .allocation import (
     LayerGeometry,
     allocation_step,
     check_reachable,
+    layer_plans,
     model_params,
     normalize_importance,
     select_heads,
@@ -218,19 +219,18 @@ class AdaptivePruner:
                 raw, scores = self.sync.average(raw, scores)
             importance = normalize_importance(raw)
             delta = (params - target_params) / prunable_base / (steps - step)
-            result = allocation_step(
-                self.geometries, self.widths(), self.sparsity, importance, delta, target_params, fixed,
-                self.config, final=step == steps - 1,
-            )  # fmt: skip
-            plans = {
+            plans = layer_plans(self.geometries, self.widths(), scores, importance, self.config)
+            result = allocation_step(plans, self.sparsity, importance, delta, target_params, fixed, self.config,
+                                     final=step == steps - 1)  # fmt: skip
+            kept_units = {
                 i: self._select(new, scores[i])
                 for i, (old, new) in enumerate(zip(self.widths(), result.widths))
                 if old != new
             }
             if self.sync is not None:
-                self.sync.check_agreement(f"prune event, inner step {step + 1}", plans)
-            for i, plan in plans.items():
-                self._apply(i, result.widths[i], plan, scorer, kept[i], optimizer)
+                self.sync.check_agreement(f"prune event, inner step {step + 1}", kept_units)
+            for i, units in kept_units.items():
+                self._apply(i, result.widths[i], units, scorer, kept[i], optimizer)
             self.sparsity = result.sparsity
             params = self.num_parameters()
             if params != result.num_parameters:
@@ -246,7 +246,7 @@ class AdaptivePruner:
 
     def _select(self, widths: LayerWidths, scores: GroupScores) -> tuple[torch.Tensor, ...]:
         """(query heads, kv heads, channels) a layer keeps to reach `widths`: the highest scored."""
-        keep_q, keep_kv = select_heads(scores.q_heads, scores.kv_heads, widths, self.config)
+        keep_q, keep_kv = select_heads(scores, widths)
         return keep_q, keep_kv, select_top(scores.channels, widths.intermediate_size)
 
     def _apply(
@@ -373,5 +373,6 @@ def prune_model(
     target = pruner.final_target()
     pruner.check_target(target)  # before touching data or weights
     pool = CalibrationPool(calibration_data, config.calibration_samples, config.calibration_batch_size, config.seed)
-    scorer = CalibrationScorer(model, pool, config.layer_importance, config.group_importance, config.seed, progress)
+    scorer = CalibrationScorer(model, pool, config.layer_importance, config.group_importance, config.seed, progress,
+                               rescore_every=config.rescore_every)  # fmt: skip
     return pruner.prune_to(target, scorer, optimizer=optimizer, progress=progress)

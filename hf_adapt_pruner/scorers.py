@@ -3,7 +3,8 @@
 A scorer is called once per inner step and returns `(raw layer importance (L,), [GroupScores per layer])`; after
 the engine slices a layer it calls `update(layer, keep_q, keep_kv, keep_channels)` so cached scores follow.
 
-- `CalibrationScorer` runs a forward/backward pass over calibration data at every call (the paper's recipe).
+- `CalibrationScorer` runs a forward/backward pass over calibration data at every call (the paper's recipe), or
+  every `rescore_every` calls, serving the last measurement in between with removed units dropped.
 - `StaticScorer` serves scores gathered elsewhere (e.g. accumulated from training gradients by the callback).
 """
 
@@ -39,7 +40,7 @@ def prunable_parameters(layers: Sequence[LayerModules]) -> list[nn.Parameter]:
 
 
 class CalibrationScorer:
-    """Re-measures importances on a fresh calibration sample at every inner step.
+    """Re-measures importances on a fresh calibration sample at every inner step (every `rescore_every` steps).
 
     One pass gives both: forward hooks record layer similarity, and the backward pass of the LM loss fills the
     gradients Taylor scores need. Only the prunable projections get gradients (embeddings and `lm_head` do not),
@@ -55,6 +56,7 @@ class CalibrationScorer:
         group_metric: str,
         seed: int,
         progress: bool = True,
+        rescore_every: int = 1,
     ):
         self.model = model
         self.pool = pool
@@ -62,8 +64,17 @@ class CalibrationScorer:
         self.group_metric = group_metric
         self.generator = torch.Generator().manual_seed(seed)
         self.progress = progress
+        self.rescore_every = rescore_every
+        self._calls = 0
+        self._last: StaticScorer | None = None
 
     def __call__(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]:
+        self._calls += 1
+        if self._last is None or (self._calls - 1) % self.rescore_every == 0:
+            self._last = StaticScorer(*self._measure(layers, head_dim))
+        return self._last(layers, head_dim)
+
+    def _measure(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]:
         needs_grad = self.group_metric == "taylor"
         params = list(self.model.parameters())
         saved = [(p.requires_grad, p.grad) for p in params]
@@ -104,4 +115,6 @@ class CalibrationScorer:
         bar.close()
 
     def update(self, layer: int, keep_q: torch.Tensor, keep_kv: torch.Tensor, keep_channels: torch.Tensor) -> None:
-        """Nothing is cached: the next call measures the sliced model afresh."""
+        """The last measurement follows the slicing (a re-measurement replaces it anyway)."""
+        if self._last is not None:
+            self._last.update(layer, keep_q, keep_kv, keep_channels)

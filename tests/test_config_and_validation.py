@@ -32,6 +32,8 @@ BAD_CONFIGS = [
     ({"target_ratio": 0.7, "group_importance": "hessian"}, "group_importance"),
     ({"target_ratio": 0.7, "amplitude": -0.1}, "amplitude"),
     ({"target_ratio": 0.7, "attention_unit": "head"}, "attention_unit"),
+    ({"target_ratio": 0.7, "allocation": "greedy"}, "allocation"),
+    ({"target_ratio": 0.7, "rescore_every": 0}, "rescore_every"),
     ({"target_ratio": 0.7, "inner_steps": 0}, "inner_steps"),
     ({"target_ratio": 0.7, "round_to": 0}, "round_to"),
     ({"target_ratio": 0.7, "min_kv_heads": 0}, "min_kv_heads"),

@@ -148,7 +148,8 @@ def test_amplitude_prunes_unimportant_layers_more():
 
 def test_amplitude_zero_is_uniform():
     model = tiny_model("llama", gqa_ratio=1, layers=4)
-    pruner = AdaptivePruner(model, PrunerConfig(target_ratio=0.6, amplitude=0.0, inner_steps=5, round_to=8))
+    config = PrunerConfig(target_ratio=0.6, amplitude=0.0, inner_steps=5, round_to=8, allocation="proportional")
+    pruner = AdaptivePruner(model, config)
     report = pruner.prune_to(pruner.final_target(), static_scores(model, [-1.0, -0.2, 0.3, 1.0]), progress=False)
     assert len({round(layer.sparsity, 12) for layer in report.layers}) == 1
     heads = {layer.after.num_attention_heads for layer in report.layers}
@@ -234,3 +235,16 @@ def test_other_group_metric_inputs_do_not_need_gradients(model_type):
     with pytest.raises(RuntimeError, match="needs gradients"):
         group_scores(layers_of(model)[0], model.config.head_dim, "taylor")
     assert group_scores(layers_of(model)[0], model.config.head_dim, "magnitude").q_heads.shape == (6,)
+
+
+def test_rescore_every_reuses_scores_with_removed_units_dropped(tiny_llama, monkeypatch):
+    from hf_adapt_pruner.scorers import CalibrationScorer
+
+    measured = []
+    original = CalibrationScorer._measure
+    monkeypatch.setattr(CalibrationScorer, "_measure", lambda self, *a: measured.append(1) or original(self, *a))
+    config = PrunerConfig(target_ratio=0.7, inner_steps=6, rescore_every=3, calibration_samples=4)
+    report = prune_model(tiny_llama, config, calibration_blocks(), progress=False)
+    assert len(measured) == 2 and report.inner_steps == 6  # steps 1 and 4 measure; the others reuse
+    assert abs(report.params_after - report.target_params) <= 0.005 * report.target_params
+    assert torch.isfinite(logits(tiny_llama)).all()
