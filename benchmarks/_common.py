@@ -15,7 +15,8 @@ import transformers
 
 
 RESULTS = Path(__file__).parent / "results"
-TEXT_DIR = "/usr/share/doc/python3.11/html/_sources"
+TEXT_DIR = "/usr/share/doc/python3.11/html/_sources"  # calibration / training domain (apt-get install python3.11-doc)
+OTHER_TEXT_DIR = "/usr/share/doc/git-doc"  # prose of another source, never trained on (apt-get install git-doc)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAMES = {True: "tiny-random-llama", False: "SmolLM2-135M-Instruct (Q4_1 dequantized)"}  # by --smoke
 
@@ -55,6 +56,25 @@ def text_blocks(tokenizer, smoke: bool, text_dir: str, seq_len: int, calibration
         token_blocks(tokenizer, read_texts(calibration_files), seq_len, calibration),
         token_blocks(tokenizer, read_texts(eval_files), seq_len, evaluation),
     )
+
+
+def held_out_sets(tokenizer, smoke: bool, text_dir: str, seq_len: int, blocks: int) -> dict[str, torch.Tensor]:
+    """Evaluation blocks from (i) the held-out files of the calibration source and (ii) another source's prose."""
+    from hf_adapt_pruner.data import read_texts, split_files, text_files, token_blocks
+
+    if smoke:
+        g = torch.Generator().manual_seed(1)
+        return {name: torch.randint(3, 128, (blocks, seq_len), generator=g) for name in ("in-domain", "other source")}
+    _, eval_files = split_files(text_files(text_dir), eval_fraction=0.1, seed=0)
+    other = sorted(Path(OTHER_TEXT_DIR).glob("*.txt"))  # the plain-text manuals and guides of git-doc
+    if not other:
+        raise SystemExit(f"No *.txt under {OTHER_TEXT_DIR}: apt-get install -y git-doc")
+
+    def spread(texts: list[str]) -> torch.Tensor:  # blocks evenly spaced over all files, not the first file only
+        every = token_blocks(tokenizer, texts, seq_len)
+        return every[torch.linspace(0, len(every) - 1, min(blocks, len(every))).long()]
+
+    return {"in-domain": spread(read_texts(eval_files)), "other source": spread(read_texts(other))}
 
 
 def write(name: str, args, payload: dict) -> Path:

@@ -29,7 +29,7 @@ def train(model, blocks, args, callbacks) -> float:
         learning_rate=args.learning_rate, warmup_steps=max(1, args.max_steps // 20),
         lr_scheduler_type="warmup_stable_decay",
         lr_scheduler_kwargs={"num_decay_steps": max(1, round(args.recovery_fraction * args.max_steps))},
-        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=getattr(args, "seed", 0),
     )  # fmt: skip
     data = [{"input_ids": b, "labels": b} for b in blocks]
     trainer = Trainer(model=model.train(), args=training_args, train_dataset=data, callbacks=callbacks)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -32,31 +33,106 @@ def header(result: dict) -> str:
            f"transformers {m['transformers']}._\n"  # fmt: skip
 
 
+def seeds(rows: list[dict], key: str) -> str:
+    """'mean (seed 0, seed 1, ...)' of `key` over rows that differ only in their seed."""
+    values = [r[key] for r in rows]
+    each = ", ".join(f"{v:.2f}" for v in values)
+    return f"{statistics.mean(values):.2f}" + (f" ({each})" if len(values) > 1 else "")
+
+
+def sources(result: dict) -> list[str]:
+    return [key.removeprefix("ppl ") for key in result["rows"][0] if key.startswith("ppl ")]
+
+
+def originals(result: dict) -> str:
+    return ", ".join(f"{result['rows'][0]['ppl ' + name]:.2f}" for name in sources(result))
+
+
 def one_shot_section(result: dict, docs: Path) -> list[str]:
-    rows = result["rows"]
-    modes = list(dict.fromkeys(r["mode"] for r in rows[1:]))
-    ratios = sorted({r["ratio"] for r in rows[1:]}, reverse=True)
-    table = {(r["ratio"], r["mode"]): r for r in rows[1:]}
+    original, rows = result["rows"][0], result["rows"][1:]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
+    names = sources(result)
     lines = ["## One-shot quality (no training)", "", header(result),
-             f"Held-out perplexity ({result['eval_tokens']} tokens of files never used for calibration; original: "
-             f"{rows[0]['perplexity']:.2f}); {result['inner_steps']} inner steps, {result['calibration']}.", "",
-             "| keep | " + " | ".join(modes) + " | adaptive / uniform |",
-             "|---:|" + "---:|" * (len(modes) + 1)]  # fmt: skip
+             f"Held-out perplexity, mean over seeds (each seed in brackets), on {result['eval_tokens']:,} tokens of "
+             f"each source: {' and '.join(names)} (original: "
+             f"{originals(result)}). Calibration: {result['calibration']}; the "
+             f"default inner steps and calibration budget ({result['defaults']['inner_steps']} inner steps x "
+             f"{result['defaults']['calibration_samples']} sequences, rescored every "
+             f"{result['defaults']['rescore_every']}). `kv heads`: kv heads left over all layers "
+             f"(originally {original['kv_heads']}).",
+             "", "| keep | mode | " + " | ".join(f"ppl {n}" for n in names) + " | kv heads | prune s |",
+             "|---:|---|" + "---:|" * (len(names) + 2)]  # fmt: skip
     for ratio in ratios:
-        cells = [f"{table[(ratio, m)]['perplexity']:.2f}" for m in modes]
-        lines.append(f"| {ratio} | " + " | ".join(cells) + f" | {result['adaptive_over_uniform'][str(ratio)]:.3f} |")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in modes:
-        ax.plot(ratios, [table[(r, mode)]["perplexity"] for r in ratios], marker="o", label=mode)
-    ax.axhline(rows[0]["perplexity"], color="gray", linestyle="--", label="original")
-    ax.set(xlabel="fraction of parameters kept", ylabel="held-out perplexity (log)", yscale="log",
-           title="One-shot Adapt-Pruner, SmolLM2-135M")  # fmt: skip
-    ax.invert_xaxis()
-    ax.legend(fontsize=8)
+        for mode in modes:
+            group = [r for r in rows if r["ratio"] == ratio and r["mode"] == mode]
+            cells = [seeds(group, f"ppl {n}") for n in names]
+            lines.append(f"| {ratio} | {mode} | {' | '.join(cells)} | {group[0]['kv_heads']} | "
+                         f"{statistics.mean(r['prune_seconds'] for r in group):.0f} |")  # fmt: skip
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
+    for ax, source in zip(axes, names):
+        for mode in modes:
+            means = [statistics.mean(r[f"ppl {source}"] for r in rows if r["ratio"] == x and r["mode"] == mode)
+                     for x in ratios]  # fmt: skip
+            ax.plot(ratios, means, marker="o", label=mode)
+        ax.axhline(original[f"ppl {source}"], color="gray", linestyle="--", label="original")
+        ax.set(xlabel="fraction of parameters kept", ylabel="perplexity (log)", yscale="log", title=source)
+        ax.invert_xaxis()
+    axes[0].legend(fontsize=8)
+    fig.suptitle("One-shot Adapt-Pruner, SmolLM2-135M")
     fig.tight_layout()
     fig.savefig(docs / "one_shot_quality.png", dpi=120)
     plt.close(fig)
     return [*lines, "", "![one-shot quality](one_shot_quality.png)", ""]
+
+
+def one_shot_cost_section(result: dict, docs: Path) -> list[str]:
+    rows = result["rows"][1:]
+    names = sources(result)
+    lines = ["## One-shot cost: inner steps x calibration tokens", "", header(result),
+             f"Keep {result['target_ratio']}, score allocation unless named; perplexity mean over seeds "
+             f"{result['seeds']} (each in brackets) on {result['eval_tokens']:,} held-out tokens of each source "
+             f"(original: {originals(result)}). A scoring pass is one "
+             "forward/backward over the calibration sequences; prune seconds are wall-clock on this shared CPU.", "",
+             "| setting | scoring passes | calibration tokens | prune s | " + " | ".join(f"ppl {n}" for n in names)
+             + " |", "|---|---:|---:|---:|" + "---:|" * len(names)]  # fmt: skip
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        group = [r for r in rows if r["setting"] == setting]
+        lines.append(f"| {setting} | {group[0]['scoring_passes']} | {group[0]['calibration_tokens']:,} | "
+                     f"{statistics.mean(r['prune_seconds'] for r in group):.0f} | "
+                     + " | ".join(seeds(group, f"ppl {n}") for n in names) + " |")  # fmt: skip
+    return [*lines, ""]
+
+
+def main_job_allocation_section(result: dict, docs: Path) -> list[str]:
+    rows = result["rows"][1:]
+    names = sources(result)
+    lines = ["## Adapt-Accel (the main job): score vs proportional allocation", "", header(result),
+             f"Keep {result['target_ratio']}, {result['num_stages']} prune events in {result['steps']} steps of "
+             f"{result['batch']}, importance from the training gradients; the same data order for both allocations "
+             f"at each seed. Perplexity on {result['eval_tokens']:,} held-out tokens of each source (original: "
+             f"{originals(result)}).", "",
+             "| allocation | parameters | kv heads | " + " | ".join(f"ppl {n}" for n in names) + " |",
+             "|---|---:|---:|" + "---:|" * len(names)]  # fmt: skip
+    for allocation in dict.fromkeys(r["allocation"] for r in rows):
+        group = [r for r in rows if r["allocation"] == allocation]
+        lines.append(f"| {allocation} | {group[0]['params']:,} | {group[0]['kv_heads']} | "
+                     + " | ".join(seeds(group, f"ppl {n}") for n in names) + " |")  # fmt: skip
+    return [*lines, ""]
+
+
+def taylor_scale_section(result: dict, docs: Path) -> list[str]:
+    lines = ["## Are kv-group and channel scores on one scale?", "", header(result),
+             f"Taylor score (|w·g| summed over the unit, {result['calibration_tokens']:,} calibration tokens) and the "
+             "measured loss change when the unit is zeroed, on the same tokens (base loss "
+             f"{result['base_loss']:.3f}). Channel blocks hold as many parameters as a kv group.", "",
+             "| layer | unit | parameters | Taylor score | loss change |", "|---:|---|---:|---:|---:|"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(f"| {r['layer']} | {r['unit']} | {r['params']:,} | {r['taylor']:.3f} | {r['loss_change']:+.4f} |")
+    lines += ["", "| layer | score removes first | measured loss change removes first |", "|---:|---|---|"]
+    for c in result["first_removal"]:
+        lines.append(f"| {c['layer']} | {c['score_removes_first']} | {c['loss_change_removes_first']} |")
+    return [*lines, ""]
 
 
 def speed_section(result: dict, docs: Path) -> list[str]:
@@ -170,7 +246,8 @@ def main() -> None:
     lines = ["# Benchmarks", "",
              "Generated by `python benchmarks/make_docs.py` from `benchmarks/results/*.json`; each script in "
              "`benchmarks/` prints and writes its JSON (`--smoke` runs a tiny model, as CI does).", ""]  # fmt: skip
-    for name, section in (("one_shot_quality", one_shot_section),
+    for name, section in (("one_shot_quality", one_shot_section), ("one_shot_cost", one_shot_cost_section),
+                          ("taylor_scale", taylor_scale_section), ("main_job_allocation", main_job_allocation_section),
                           ("incremental_vs_one_shot", incremental_section), ("inference_speed", speed_section),
                           ("callback_overhead", overhead_section), ("memory", memory_section),
                           ("distributed", distributed_section), ("gguf_serving", serving_section)):  # fmt: skip

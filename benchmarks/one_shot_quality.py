@@ -1,71 +1,76 @@
 """One-shot quality: held-out perplexity of SmolLM2-135M pruned once (no training) at several keep ratios.
 
-Modes: adaptive (Taylor, amplitude 0.02, plus a small amplitude sweep), uniform (amplitude 0), magnitude and random
-group importance. Calibration and evaluation text come from disjoint files. Prints and writes JSON.
+Modes: adaptive (the default: score allocation, amplitude 0.02), the previous proportional allocation, uniform
+(amplitude 0) and attention not pruned (MLP channels only), each with the default inner steps and calibration.
+Perplexity on held-out files of the calibration source and on English prose from another source (git-doc), for two
+seeds (the calibration sample). Prints and writes JSON.
 
-    python benchmarks/one_shot_quality.py [--smoke] [--ratios 0.9 0.8 0.7 0.6] [--inner-steps 5]
+    python benchmarks/one_shot_quality.py [--smoke] [--ratios 0.9 0.8 0.7 0.6 0.5] [--seeds 0 1]
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 
-from _common import load_model, parser, text_blocks, write
+from _common import held_out_sets, load_model, parser, text_blocks, write
 
 from hf_adapt_pruner import PrunerConfig, count_parameters, prune_model
 from hf_adapt_pruner.evaluation import perplexity
 
 
 MODES = {  # name: PrunerConfig overrides
-    "adaptive A=0.02": {"amplitude": 0.02},
+    "adaptive": {},
+    "proportional (previous)": {"allocation": "proportional"},
     "uniform A=0": {"amplitude": 0.0},
-    "magnitude A=0.02": {"amplitude": 0.02, "group_importance": "magnitude"},
-    "random A=0.02": {"amplitude": 0.02, "group_importance": "random"},
-    "adaptive A=0.01": {"amplitude": 0.01},
-    "adaptive A=0.05": {"amplitude": 0.05},
+    "attention not pruned": {"prune_attention": False},
 }
 
 
 def main() -> None:
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6])
-    p.add_argument("--inner-steps", type=int, default=5)
-    p.add_argument("--calibration-samples", type=int, default=8)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--modes", nargs="+", default=list(MODES))
     p.add_argument("--eval-blocks", type=int, default=32)
     args = p.parse_args()
+    budget = {}  # the defaults' inner steps and calibration
     if args.smoke:
-        args.ratios, args.eval_blocks = [0.7], 4
+        args.ratios, args.seeds, args.eval_blocks, budget = [0.7], [0], 4, {"inner_steps": 2, "calibration_samples": 4}
     model, tokenizer, name = load_model(args.smoke)
     seq_len = 32 if args.smoke else 128
-    calibration, evaluation = text_blocks(tokenizer, args.smoke, args.text_dir, seq_len, 128, args.eval_blocks)
-    rows = [
-        {
-            "ratio": 1.0,
-            "mode": "original",
-            "params": count_parameters(model),
-            "perplexity": perplexity(model, evaluation),
-        }
-    ]
+    calibration, _ = text_blocks(tokenizer, args.smoke, args.text_dir, seq_len, 256, 1)
+    held_out = held_out_sets(tokenizer, args.smoke, args.text_dir, seq_len, args.eval_blocks)
+    kv_heads = model.config.num_key_value_heads * model.config.num_hidden_layers
+    rows = [{"ratio": 1.0, "mode": "original", "params": count_parameters(model), "kv_heads": kv_heads,
+             **{f"ppl {k}": perplexity(model, v) for k, v in held_out.items()}}]  # fmt: skip
     for ratio in args.ratios:
-        for mode, overrides in MODES.items():
-            pruned = copy.deepcopy(model)
-            config = PrunerConfig(target_ratio=ratio, inner_steps=args.inner_steps, calibration_seq_len=seq_len,
-                                  calibration_samples=args.calibration_samples, **overrides)  # fmt: skip
-            start = time.perf_counter()
-            report = prune_model(pruned, config, calibration, progress=False)
-            seconds = time.perf_counter() - start
-            row = {"ratio": ratio, "mode": mode, "params": report.params_after, "prune_seconds": seconds}
-            rows.append({**row, "perplexity": perplexity(pruned, evaluation)})
-            print(rows[-1], flush=True)
-    by_ratio = {}
+        for mode in args.modes:
+            for seed in args.seeds:
+                pruned = copy.deepcopy(model)
+                config = PrunerConfig(target_ratio=ratio, calibration_seq_len=seq_len, seed=seed, **budget,
+                                      **MODES[mode])  # fmt: skip
+                start = time.perf_counter()
+                report = prune_model(pruned, config, calibration, progress=False)
+                seconds = time.perf_counter() - start
+                kv_heads = sum(layer.after.num_key_value_heads for layer in report.layers)
+                rows.append({"ratio": ratio, "mode": mode, "seed": seed, "params": report.params_after,
+                             "prune_seconds": seconds, "kv_heads": kv_heads,
+                             **{f"ppl {k}": perplexity(pruned, v) for k, v in held_out.items()}})  # fmt: skip
+                print(rows[-1], flush=True)
+                del pruned
+    summary = {}
     for row in rows[1:]:
-        by_ratio.setdefault(row["ratio"], {})[row["mode"]] = row["perplexity"]
-    ratios = {r: modes["adaptive A=0.02"] / modes["uniform A=0"] for r, modes in by_ratio.items()}
-    write("one_shot_quality", args, {"model": name, "inner_steps": args.inner_steps,
-                                     "calibration": f"{args.calibration_samples} x {seq_len} tokens per inner step",
+        entry = summary.setdefault(f"{row['ratio']}", {}).setdefault(row["mode"], {})
+        for source in held_out:
+            entry.setdefault(source, []).append(row[f"ppl {source}"])
+    summary = {r: {m: {s: statistics.mean(v) for s, v in e.items()} for m, e in modes.items()}
+               for r, modes in summary.items()}  # fmt: skip
+    write("one_shot_quality", args, {"model": name, "defaults": PrunerConfig(target_ratio=0.7, **budget).to_dict(),
+                                     "calibration": "256 x 128-token blocks from python3.11-doc (training files)",
                                      "eval_tokens": args.eval_blocks * seq_len, "rows": rows,
-                                     "adaptive_over_uniform": ratios})  # fmt: skip
+                                     "mean_perplexity": summary})  # fmt: skip
 
 
 if __name__ == "__main__":

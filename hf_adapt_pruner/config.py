@@ -49,9 +49,14 @@ class PrunerConfig:
         attention_unit (`str`, defaults to `"kv_group"`): under GQA, remove a key/value head with the query heads
             that share it (`kv_group`, as the paper's code; shrinks the KV cache) or one query head from every kv
             group at a time (`query_head`).
+        allocation (`str`, defaults to `"score"`): how a layer's parameter budget is met. `score` ranks the layer's
+            attention units and `round_to` blocks of MLP channels by importance per parameter and removes the
+            cheapest first; `proportional` (the paper's code) keeps `round(keep * heads)` heads and lets the MLP take
+            the rounding.
         min_heads, min_kv_heads, min_intermediate_size (`int`): floors per layer. round_to (`int`, default 8):
             kept MLP channels are a multiple of it. max_layer_sparsity (`float`, default 0.99): the paper's clamp.
-        inner_steps (`int`, defaults to `50`): inner iterations per prune event (importances re-measured at each).
+        inner_steps (`int`): inner iterations per prune event. rescore_every (`int`): importances are re-measured
+            every this many inner steps (the paper: 1) and reused in between with the removed units dropped.
         calibration_samples, calibration_seq_len, calibration_batch_size (`int`): calibration per inner step.
         seed (`int`): calibration sampling and random scores.
         mode (`str`, defaults to `"auto"`): `physical` slices weights, `mask` zeroes them (shapes fixed; sliced by
@@ -64,8 +69,10 @@ class PrunerConfig:
     the layers must reach an average sparsity of 40.3 M / 106.2 M = 0.38. At each inner step the remaining gap is
     split evenly over the remaining steps (step 1: 0.038), and layer `i` moves by `0.038 - A * I_i`, where `I_i`
     in [-1, 1] is its centred, scaled importance: with `A = 0.02`, the most important layer (`I = 1`) gains
-    0.018, the least important (`I = -1`) 0.058. Widths follow the sparsities (attention in whole heads, MLP in
-    multiples of `round_to`) and the last step is solved so that the final count lands on the target.
+    0.018, the least important (`I = -1`) 0.058. Each layer then removes its units with the lowest importance per
+    parameter (in SmolLM2 a kv group with its 3 query heads holds 294,912 parameters, an 8-channel MLP block
+    13,824) until it is within its budget, and the last step is solved so that the final count lands on the
+    target.
     """
 
     # --- target -------------------------------------------------------------------------------------------------
