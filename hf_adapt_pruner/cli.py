@@ -71,6 +71,8 @@ def _add_export_parser(subparsers) -> None:
 
 
 def _export(args: argparse.Namespace) -> dict:
+    if os.path.isfile(args.gguf) and not args.overwrite:  # say it in the command line's words
+        raise FileExistsError(f"{args.gguf!r} already exists: pass --overwrite to replace it.")
     path = export_gguf(args.model, args.gguf, dtype=args.dtype, tokenizer=args.tokenizer_gguf,
                        overwrite=args.overwrite)  # fmt: skip
     return {"model": args.model, "gguf": str(path), "dtype": args.dtype, "bytes": path.stat().st_size}
@@ -87,7 +89,7 @@ def _tokens(model, tokenizer, args: argparse.Namespace, texts: list[str], seq_le
 def _eval(args: argparse.Namespace) -> dict:
     files = text_files(args.text)
     model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
-    blocks = _tokens(model, tokenizer, args, read_texts(files), args.seq_len, args.blocks, "the --text tokens")
+    blocks = _tokens(model, tokenizer, args, read_texts(files), args.seq_len, args.blocks, "the --text text")
     result = {
         "model": args.model,
         "parameters": count_parameters(model),
@@ -111,11 +113,11 @@ def _prune(args: argparse.Namespace) -> dict:
     max_blocks = 8 * config.calibration_samples  # a pool to resample from at every inner step
     seq_len = config.calibration_seq_len
     calibration = _tokens(model, tokenizer, args, read_texts(calibration_files), seq_len, max_blocks,
-                          "the --calibration tokens")  # fmt: skip
+                          "the --calibration text")  # fmt: skip
     evaluation = None
     if args.eval_blocks:
         evaluation = _tokens(model, tokenizer, args, read_texts(eval_files), seq_len, args.eval_blocks,
-                             "the held-out evaluation tokens")  # fmt: skip
+                             "the held-out evaluation text")  # fmt: skip
     result = {"perplexity_before": perplexity(model, evaluation, progress=True) if evaluation is not None else None}
     report = prune_model(model, config, calibration)
     print(report.table())

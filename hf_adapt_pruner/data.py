@@ -89,18 +89,18 @@ def check_token_ids(
             "importance with. Use sequences of at least 2 tokens (e.g. seq_len=128)."
         )
     low, high = int(input_ids.min()), int(input_ids.max())
-    came_from = f" (they came from {source})" if source else ""
+    came_from = f" (made by {source})" if source else ""
     if low < 0:
         where = _position(input_ids == low)
         raise ValueError(
-            f"{what} holds the negative token id {low} ({where}){came_from}; token ids are indices into the "
+            f"{what} holds the negative token id {low} at {where}{came_from}; token ids are indices into the "
             "embedding, >= 0. -100 marks ignored labels, not inputs: pad input_ids with the tokenizer's pad_token_id "
             "and mark padding with attention_mask = 0."
         )
     if vocab_size is not None and high >= vocab_size:
         where = _position(input_ids >= vocab_size)
         raise ValueError(
-            f"{what} holds token id {high} ({where}){came_from}, but the model's vocabulary has {vocab_size} tokens "
+            f"{what} holds token id {high} at {where}{came_from}, but the model's vocabulary has {vocab_size} tokens "
             f"(embedding rows, ids 0 to {vocab_size - 1}). The ids come from another model's tokenizer, or from "
             "tokens added to the tokenizer without model.resize_token_embeddings(len(tokenizer)): tokenize with this "
             "model's own tokenizer (AutoTokenizer.from_pretrained(<the model's folder or repo>))."
