@@ -51,9 +51,9 @@ def check_model(model: Any, caller: str) -> None:
         name, tensor = meta
         raise ValueError(
             f"The model's weights are on the meta device ({name} has shape {tuple(tensor.shape)} but no values), so "
-            f"{caller} has nothing to score, slice or save. Load real weights: from_pretrained(...) without "
-            "device_map='meta', init_empty_weights() or disk offloading, or model.to_empty(device='cpu') followed by "
-            "model.load_state_dict(...)."
+            f"{caller} has nothing to score, slice or save. Load real weights: from_pretrained(...) outside "
+            "init_empty_weights() / torch.device('meta') and without offloading to disk, or model.to_empty(device="
+            "'cpu') followed by model.load_state_dict(...)."
         )
 
 
