@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
+from .checks import check_optimizer, torch_optimizer, vocabulary_size
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
 from .distributed import ddp_rebuild_unsupported, rebuild_ddp_reducer
@@ -26,17 +27,6 @@ from .sharding import has_sharded_parameters
 
 
 logger = logging.get_logger(__name__)
-
-# Optimizers whose every state tensor is per-element (shaped like its parameter), so it can be sliced with it.
-SLICEABLE_OPTIMIZERS = (
-    torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad,
-    torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
-)  # fmt: skip
-
-
-def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside accelerate's `AcceleratedOptimizer` wrapper (or the optimizer itself)."""
-    return getattr(optimizer, "optimizer", optimizer)
 
 
 class AdaptPrunerCallback(TrainerCallback, ExportableState):
@@ -65,7 +55,19 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, config: PrunerConfig | dict, calibration_data: CalibrationData | None = None):
+        if not isinstance(config, (PrunerConfig, dict)):
+            raise TypeError(
+                f"config={config!r} is a {type(config).__name__}: pass a PrunerConfig (or its to_dict()), e.g. "
+                "AdaptPrunerCallback(PrunerConfig(target_ratio=0.7, num_stages=5))."
+            )
         self.config = config if isinstance(config, PrunerConfig) else PrunerConfig.from_dict(config)
+        if calibration_data is not None:
+            CalibrationPool(calibration_data, 1, 1, 0)  # shape and type checked now; token ids at on_train_begin
+            if self.config.importance_source != "calibration":
+                logger.warning(
+                    "calibration_data is ignored with importance_source='training' (scores come from the Trainer's "
+                    "gradients); set importance_source='calibration' to score on it."
+                )
         self.calibration_data = calibration_data
         self.schedule: list[Stage] = []
         self.events_done = 0
@@ -102,12 +104,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         mode = self._resolve_mode(args.world_size, model)
-        torch_optimizer = _torch_optimizer(optimizer)
-        if torch_optimizer is not None and not isinstance(torch_optimizer, SLICEABLE_OPTIMIZERS):
-            raise ValueError(
-                f"The optimizer {type(torch_optimizer).__name__} keeps state that cannot be sliced with the pruned "
-                "weights. Use an element-wise optimizer (TrainingArguments(optim='adamw_torch'), SGD, ...)."
-            )
+        check_optimizer(optimizer)
         if args.load_best_model_at_end:
             raise ValueError(
                 "load_best_model_at_end=True cannot work with pruning (the best checkpoint may have another size): "
@@ -118,6 +115,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
                 "importance_source='calibration' needs calibration data: AdaptPrunerCallback(config, "
                 "calibration_data=token_blocks(...)), or use importance_source='training'."
             )
+        if self.calibration_data is not None:  # token ids the model's embedding cannot look up
+            CalibrationPool(self.calibration_data, 1, 1, 0, vocab_size=vocabulary_size(model))
         self._guard_checkpoint_loading(model)
         self._progress = not args.disable_tqdm
         self._pruner = AdaptivePruner(model, self.config, mode)  # unsupported model types fail here
@@ -190,7 +189,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
                 "resume only runs that started with this callback."
             )
         start = self._pruner.num_parameters()
-        self.schedule = build_schedule(self.config, state.max_steps, start, self._pruner.final_target())
+        original = self._pruner.layout.base["num_parameters"]
+        self.schedule = build_schedule(self.config, state.max_steps, start, self._pruner.final_target(), original)
         self.events_done = 0
 
     def _guard_checkpoint_loading(self, model) -> None:
@@ -246,7 +246,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self._pruner is not None and self._pruner.mode == "mask":
-            self._pruner.reapply_masks(_torch_optimizer(optimizer))  # masked weights stay exactly zero
+            self._pruner.reapply_masks(torch_optimizer(optimizer))  # masked weights stay exactly zero
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         stage = self._next_stage()
@@ -277,7 +277,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
     def _prune(self, state, optimizer) -> None:
         stage = self._next_stage()
         report = self._pruner.prune_to(
-            stage.target_params, self._scorer(), optimizer=_torch_optimizer(optimizer), progress=False
+            stage.target_params, self._scorer(), optimizer=torch_optimizer(optimizer), progress=False
         )
         if self._ddp is not None:
             rebuild_ddp_reducer(self._ddp)

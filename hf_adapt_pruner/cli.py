@@ -17,11 +17,12 @@ import torch
 from transformers.utils import logging
 
 from .architectures import architecture_table
+from .checks import vocabulary_size
 from .config import PrunerConfig
-from .data import read_texts, split_files, text_files, token_blocks
+from .data import check_token_ids, read_texts, split_files, text_files, token_blocks
 from .evaluation import generate_sample, generation_speed, perplexity
 from .gguf_export import GGUF_DTYPES, export_gguf
-from .pruner import count_parameters, prune_model
+from .pruner import checked_pruner, count_parameters, prune_model
 from .serialization import load_for_pruning, save_pruned
 
 
@@ -70,14 +71,25 @@ def _add_export_parser(subparsers) -> None:
 
 
 def _export(args: argparse.Namespace) -> dict:
+    if os.path.isfile(args.gguf) and not args.overwrite:  # say it in the command line's words
+        raise FileExistsError(f"{args.gguf!r} already exists: pass --overwrite to replace it.")
     path = export_gguf(args.model, args.gguf, dtype=args.dtype, tokenizer=args.tokenizer_gguf,
                        overwrite=args.overwrite)  # fmt: skip
     return {"model": args.model, "gguf": str(path), "dtype": args.dtype, "bytes": path.stat().st_size}
 
 
+def _tokens(model, tokenizer, args: argparse.Namespace, texts: list[str], seq_len: int, blocks: int, what: str):
+    """Token blocks of `texts`, refused (naming the tokenizer) when the model cannot look their ids up."""
+    ids = token_blocks(tokenizer, texts, seq_len, blocks)
+    source = f"the tokenizer in {args.model!r}, {type(tokenizer).__name__} with {len(tokenizer)} tokens"
+    check_token_ids(ids, vocabulary_size(model), what=what, source=source)
+    return ids
+
+
 def _eval(args: argparse.Namespace) -> dict:
+    files = text_files(args.text)
     model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
-    blocks = token_blocks(tokenizer, read_texts(text_files(args.text)), args.seq_len, args.blocks)
+    blocks = _tokens(model, tokenizer, args, read_texts(files), args.seq_len, args.blocks, "the --text text")
     result = {
         "model": args.model,
         "parameters": count_parameters(model),
@@ -95,13 +107,17 @@ def _prune(args: argparse.Namespace) -> dict:
                           **{name: getattr(args, name) for name in TUNABLE})  # fmt: skip
     if os.path.exists(args.output) and not args.overwrite:  # fail before the expensive part
         raise FileExistsError(f"{args.output!r} already exists: pass --overwrite to replace it.")
-    model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
     calibration_files, eval_files = split_files(text_files(args.calibration), args.eval_fraction, seed=config.seed)
+    model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
+    checked_pruner(model, config)  # an unreachable target is refused before any text is read or scored
     max_blocks = 8 * config.calibration_samples  # a pool to resample from at every inner step
-    calibration = token_blocks(tokenizer, read_texts(calibration_files), config.calibration_seq_len, max_blocks)
+    seq_len = config.calibration_seq_len
+    calibration = _tokens(model, tokenizer, args, read_texts(calibration_files), seq_len, max_blocks,
+                          "the --calibration text")  # fmt: skip
     evaluation = None
     if args.eval_blocks:
-        evaluation = token_blocks(tokenizer, read_texts(eval_files), config.calibration_seq_len, args.eval_blocks)
+        evaluation = _tokens(model, tokenizer, args, read_texts(eval_files), seq_len, args.eval_blocks,
+                             "the held-out evaluation text")  # fmt: skip
     result = {"perplexity_before": perplexity(model, evaluation, progress=True) if evaluation is not None else None}
     report = prune_model(model, config, calibration)
     print(report.table())
@@ -133,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     try:
         result = {"prune": _prune, "eval": _eval, "export": _export}[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:  # bad input: the message says what to change
         print(f"hf-adapt-pruner: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

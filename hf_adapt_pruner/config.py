@@ -190,6 +190,7 @@ class PrunerConfig:
         _check_choice("data_split", self.data_split, DATA_SPLITS)
         _check_choice("importance_source", self.importance_source, IMPORTANCE_SOURCES)
         _check_choice("mode", self.mode, MODES)
+        _check_types(self)
         if not 0.0 <= self.amplitude <= 1.0:
             raise ValueError(
                 f"amplitude={self.amplitude!r} is out of range: use a value in [0, 1] (paper: 0.02; 0 = uniform)."
@@ -254,6 +255,11 @@ class PrunerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrunerConfig:
+        if not isinstance(data, dict):
+            raise TypeError(
+                f"PrunerConfig.from_dict takes a dict of fields, got {type(data).__name__} {data!r:.60}: e.g. "
+                "PrunerConfig.from_dict({'target_ratio': 0.7}), or PrunerConfig(target_ratio=0.7)."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -269,6 +275,11 @@ class PrunerConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> PrunerConfig:
         path = os.path.join(directory, PRUNER_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{str(directory)!r} has no {PRUNER_CONFIG_NAME} (save_pruned(..., pruner_config=...) and "
+                "config.save_pretrained(dir) write one): pass such a folder, or build the config with PrunerConfig()."
+            )
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
@@ -279,6 +290,24 @@ PRUNER_CONFIG_NAME = "pruner_config.json"
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(choices)}.")
+
+
+NUMBER_FIELDS = ("amplitude", "target_tolerance", "max_layer_sparsity", "recovery_fraction")
+FLAG_FIELDS = ("prune_attention", "prune_mlp")
+
+
+def _check_types(config: PrunerConfig) -> None:
+    """Numbers that are numbers, flags that are flags (a string "0.02" or "no" would compare or test wrongly)."""
+    for name in NUMBER_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}={value!r} must be a number, e.g. {name}={getattr(PrunerConfig, name)!r}.")
+    for name in FLAG_FIELDS:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be True or False.")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int):
+        raise ValueError(f"seed={config.seed!r} must be an integer, e.g. seed=0.")
 
 
 def field_help() -> dict[str, str]:

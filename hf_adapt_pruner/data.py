@@ -21,10 +21,16 @@ def text_files(path: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"Calibration/evaluation text {str(path)!r} is neither a file nor a folder.")
+        raise FileNotFoundError(
+            f"Calibration/evaluation text {str(path)!r} is neither a file nor a folder: pass a text file or a folder "
+            f"of {', '.join(TEXT_SUFFIXES)} files."
+        )
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
     if not files:
-        raise ValueError(f"No text files ({', '.join(TEXT_SUFFIXES)}) under {str(path)!r}.")
+        raise ValueError(
+            f"No text files ({', '.join(TEXT_SUFFIXES)}) under {str(path)!r}: only files with these suffixes are "
+            "read; point to another folder or rename the files."
+        )
     return files
 
 
@@ -35,7 +41,10 @@ def read_texts(files: Sequence[Path]) -> list[str]:
 def split_files(files: Sequence[Path], eval_fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
     """Split whole files into (calibration, evaluation) so the two never share text."""
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction={eval_fraction!r} must be in (0, 1).")
+        raise ValueError(
+            f"eval_fraction={eval_fraction!r} is the share of text files held out for evaluation: use a value in "
+            "(0, 1), e.g. 0.1."
+        )
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = max(1, round(len(files) * eval_fraction))
     evaluation = sorted(files[i] for i in order[:n_eval])
@@ -56,8 +65,77 @@ def token_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int, max_blocks:
     if max_blocks is not None:
         n_blocks = min(n_blocks, max_blocks)
     if n_blocks == 0:
-        raise ValueError(f"The text gives {len(stream)} tokens, fewer than one block of seq_len={seq_len}.")
+        raise ValueError(
+            f"The text gives {len(stream)} tokens, fewer than one block of seq_len={seq_len}: give more text, or "
+            "shorter blocks (seq_len; on the command line --calibration-seq-len / --seq-len)."
+        )
     return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+def check_token_ids(
+    input_ids: torch.Tensor, vocab_size: int | None, what: str = "calibration_data", source: str | None = None
+) -> None:
+    """Refuse token blocks (N, T) a model cannot learn from: no sequences, fewer than 2 tokens each, or ids outside
+    [0, vocab_size). `source` names where the ids came from (e.g. a tokenizer), for the message."""
+    shape = tuple(input_ids.shape)
+    if input_ids.numel() == 0 or input_ids.shape[0] == 0:
+        raise ValueError(
+            f"{what} has shape {shape}: there are no tokens to measure importance on. Pass at least one sequence of "
+            "token ids, e.g. hf_adapt_pruner.data.token_blocks(tokenizer, texts, seq_len=128)."
+        )
+    if input_ids.shape[-1] < 2:
+        raise ValueError(
+            f"{what} has shape {shape}: sequences of length {input_ids.shape[-1]} give no next-token loss to score "
+            "importance with. Use sequences of at least 2 tokens (e.g. seq_len=128)."
+        )
+    low, high = int(input_ids.min()), int(input_ids.max())
+    came_from = f" (made by {source})" if source else ""
+    if low < 0:
+        where = _position(input_ids == low)
+        raise ValueError(
+            f"{what} holds the negative token id {low} at {where}{came_from}; token ids are indices into the "
+            "embedding, >= 0. -100 marks ignored labels, not inputs: pad input_ids with the tokenizer's pad_token_id "
+            "and mark padding with attention_mask = 0."
+        )
+    if vocab_size is not None and high >= vocab_size:
+        where = _position(input_ids >= vocab_size)
+        raise ValueError(
+            f"{what} holds token id {high} at {where}{came_from}, but the model's vocabulary has {vocab_size} tokens "
+            f"(embedding rows, ids 0 to {vocab_size - 1}). The ids come from another model's tokenizer, or from "
+            "tokens added to the tokenizer without model.resize_token_embeddings(len(tokenizer)): tokenize with this "
+            "model's own tokenizer (AutoTokenizer.from_pretrained(<the model's folder or repo>))."
+        )
+
+
+def _position(hits: torch.Tensor) -> str:
+    index = hits.nonzero()[0].tolist()
+    if len(index) == 2:
+        return f"sequence {index[0]}, position {index[1]}"
+    return f"position {index}"
+
+
+def _check_batch(k: int, batch: Any, vocab_size: int | None) -> None:
+    if not isinstance(batch, dict):
+        raise ValueError(
+            f"calibration_data[{k}] is a {type(batch).__name__}, but calibration_data[0] is a batch dict: make every "
+            "entry a dict with 'input_ids' (and optionally 'attention_mask')."
+        )
+    ids = batch.get("input_ids")
+    what = f"calibration_data[{k}]['input_ids']"
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
+        described = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(
+            f"{what} must be an integer tensor of token ids, shape (B, T); got {described}. Every batch dict needs "
+            "'input_ids' (and optionally an 'attention_mask' of the same shape)."
+        )
+    check_token_ids(ids, vocab_size, what)
+    mask = batch.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"calibration_data[{k}]['attention_mask'] has shape {shape} but input_ids has {tuple(ids.shape)}: give "
+            "one mask entry per token (1 = token, 0 = padding), or leave the mask out."
+        )
 
 
 class CalibrationPool:
@@ -67,7 +145,10 @@ class CalibrationPool:
     (dicts with `input_ids` and optionally `attention_mask`), which are used as they are, without resampling.
     """
 
-    def __init__(self, data: CalibrationData, num_samples: int, batch_size: int, seed: int):
+    def __init__(
+        self, data: CalibrationData, num_samples: int, batch_size: int, seed: int, vocab_size: int | None = None
+    ):
+        """`vocab_size`: the model's embedding rows (`checks.vocabulary_size(model)`); ids outside are refused."""
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -77,14 +158,13 @@ class CalibrationPool:
             if data.dim() != 2 or data.dtype not in (torch.long, torch.int):
                 raise ValueError(
                     f"calibration_data tensor must be integer token ids of shape (N, T), got {data.dtype} "
-                    f"{tuple(data.shape)}."
+                    f"{tuple(data.shape)}. hf_adapt_pruner.data.token_blocks(tokenizer, texts, seq_len) builds it "
+                    "from text; a single sequence needs .unsqueeze(0)."
                 )
             self.blocks = data.long()
         elif isinstance(data, Sequence) and data and isinstance(data[0], dict):
-            if not all("input_ids" in batch for batch in data):
-                raise ValueError("Every calibration batch dict needs an 'input_ids' tensor.")
             self.batches = list(data)
-        elif isinstance(data, Sequence) and data:
+        elif isinstance(data, Sequence) and not isinstance(data, str) and data:
             try:
                 self.blocks = torch.tensor([list(seq) for seq in data], dtype=torch.long)
             except (ValueError, TypeError) as error:
@@ -98,6 +178,10 @@ class CalibrationPool:
                 f"dicts; got {type(data).__name__}. hf_adapt_pruner.data.token_blocks(tokenizer, texts, seq_len) "
                 "builds the tensor from text."
             )
+        if self.blocks is not None:
+            check_token_ids(self.blocks, vocab_size)
+        for k, batch in enumerate(self.batches or []):
+            _check_batch(k, batch, vocab_size)
 
     def sample(self) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of one inner step."""

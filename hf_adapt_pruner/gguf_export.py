@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .architectures import get_architecture, layer_modules
+from .checks import check_model
 from .remote_code import base_model_type
 
 
@@ -155,10 +156,21 @@ def export_gguf(
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype={dtype!r}: use one of {', '.join(GGUF_DTYPES)}.")
     target = Path(path).absolute()
+    if target.is_dir():
+        raise IsADirectoryError(
+            f"path={str(target)!r} is a folder: give the .gguf file to write, e.g. {str(target / 'model.gguf')!r}."
+        )
     if target.exists() and not overwrite:
         raise FileExistsError(f"{str(target)!r} already exists: pass overwrite=True, or choose another path.")
+    if isinstance(tokenizer, (str, os.PathLike)) and not Path(tokenizer).is_file():
+        raise FileNotFoundError(
+            f"tokenizer={str(tokenizer)!r}: no such GGUF file to copy the tokenizer from. Pass the .gguf file the "
+            "model was loaded from, or a transformers tokenizer object."
+        )
     model = model_or_dir
-    if not isinstance(model, nn.Module):
+    if isinstance(model, nn.Module):
+        check_model(model, "export_gguf")
+    else:
         from transformers import AutoTokenizer
 
         from .serialization import load_pruned
@@ -174,6 +186,12 @@ def export_gguf(
                          "file the model came from).")  # fmt: skip
     base = check_exportable(model)
     config = model.config
+    if not isinstance(tokenizer, (str, os.PathLike)) and len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {config.vocab_size} "
+            "(embedding rows): llama.cpp would look up ids the model lacks. Pass the tokenizer the model was trained "
+            "with (or resize the embeddings to len(tokenizer) before pruning)."
+        )
     spec = get_architecture(base)
     layers = layer_modules(model, spec)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)

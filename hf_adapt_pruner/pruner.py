@@ -23,6 +23,7 @@ from .allocation import (
     select_top,
 )
 from .architectures import LayerModules, get_architecture, layer_modules, unwrap_peft
+from .checks import check_model, check_optimizer, check_target_below, vocabulary_size
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
 from .distributed import RankSync, is_distributed
@@ -349,6 +350,25 @@ def materialize_masks_(sliced: nn.Module) -> nn.Module:
     return sliced
 
 
+def checked_pruner(
+    model: nn.Module, config: PrunerConfig, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[AdaptivePruner, int]:
+    """(engine, target) for one-shot pruning, after refusing bad inputs: a model without real weights, a config or
+    optimizer of the wrong kind, a target above the model's size or below its floors. Nothing changes here."""
+    check_model(model, "prune_model")
+    if not isinstance(config, PrunerConfig):
+        raise TypeError(
+            f"config is a {type(config).__name__}, not a PrunerConfig: pass PrunerConfig(target_ratio=0.7, ...) "
+            "(PrunerConfig.from_dict(d) for a dict)."
+        )
+    check_optimizer(optimizer)
+    pruner = AdaptivePruner(model, config)
+    target = pruner.final_target()
+    check_target_below(target, pruner.num_parameters(), pruner.layout.base["num_parameters"], allow_equal=True)
+    pruner.check_target(target)
+    return pruner, target
+
+
 def prune_model(
     model: nn.Module,
     config: PrunerConfig,
@@ -369,10 +389,9 @@ def prune_model(
     Returns:
         A `PruneReport` (parameters before/after, per-layer widths, layer importances, wall time).
     """
-    pruner = AdaptivePruner(model, config)
-    target = pruner.final_target()
-    pruner.check_target(target)  # before touching data or weights
-    pool = CalibrationPool(calibration_data, config.calibration_samples, config.calibration_batch_size, config.seed)
+    pruner, target = checked_pruner(model, config, optimizer)  # before touching data or weights
+    pool = CalibrationPool(calibration_data, config.calibration_samples, config.calibration_batch_size, config.seed,
+                           vocab_size=vocabulary_size(model))  # fmt: skip
     scorer = CalibrationScorer(model, pool, config.layer_importance, config.group_importance, config.seed, progress,
                                rescore_every=config.rescore_every)  # fmt: skip
     return pruner.prune_to(target, scorer, optimizer=optimizer, progress=progress)

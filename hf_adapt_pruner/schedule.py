@@ -21,6 +21,7 @@ import itertools
 import math
 from dataclasses import asdict, dataclass
 
+from .checks import check_target_below
 from .config import PrunerConfig
 
 
@@ -44,14 +45,13 @@ def stage_weights(num_stages: int, split: str) -> list[float]:
     return [1.0 - math.cos(math.pi * k / num_stages) for k in ks]
 
 
-def build_schedule(config: PrunerConfig, max_steps: int, start_params: int, final_target: int) -> list[Stage]:
-    """The prune events of a run; raises `ValueError` naming the fix when they do not fit in `max_steps`."""
+def build_schedule(
+    config: PrunerConfig, max_steps: int, start_params: int, final_target: int, original_params: int | None = None
+) -> list[Stage]:
+    """The prune events of a run; raises `ValueError` naming the fix when they do not fit in `max_steps`, or when
+    the target is not below `start_params` (`original_params`: the unpruned model's count, for the message)."""
     n = config.num_stages
-    if final_target >= start_params:
-        raise ValueError(
-            f"The target of {final_target:,} parameters is not below the model's current {start_params:,}: nothing to "
-            "prune. Lower target_ratio / target_params (target_ratio is relative to the original model)."
-        )
+    check_target_below(final_target, start_params, original_params or start_params)
     first = config.importance_window if config.importance_source == "training" else 0
     last = max_steps - round(config.recovery_fraction * max_steps)
     if n == 1:

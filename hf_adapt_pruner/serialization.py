@@ -15,13 +15,22 @@ from typing import Any
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.utils import logging
 
 from .architectures import get_architecture
+from .checks import check_model, check_repo_id, check_save_arguments
 from .config import PrunerConfig
 from .layout import LAYOUT_KEY, MASK_KEY, PrunedLayout
 from .modeling.modeling_adapt_pruner import block_sizes
@@ -75,6 +84,8 @@ def save_pruned(
     In a multi-process run (torch.distributed initialised) only rank 0 writes; the other ranks return at once. A
     sharded model (FSDP2) is first gathered into a plain copy on rank 0 (a collective: call it on every rank).
     """
+    check_model(model, "save_pruned")
+    check_save_arguments(tokenizer, pruner_config, eval_results)
     target = Path(save_directory).absolute()
     gathered = has_sharded_parameters(model)
     if gathered:
@@ -87,12 +98,9 @@ def save_pruned(
             "(model = peft_model.merge_and_unload()); to keep the adapter separate, save it with "
             "peft_model.save_pretrained(dir) and the base with save_pruned(peft_model.unload(), ...)."
         )
+    _check_save_directory(target, overwrite)
     if getattr(model.config, MASK_KEY, None) is not None:
         model = materialize_masks_(model) if gathered else materialize_masks(model)  # slice to the unmasked units
-    if target.exists() and not (overwrite and target.is_dir()):
-        raise FileExistsError(
-            f"{str(target)!r} already exists: pass overwrite=True to replace it, or choose another save_directory."
-        )
     target.parent.mkdir(parents=True, exist_ok=True)
     clear_dequantized_gguf_marker(model)
     pruned = getattr(model.config, LAYOUT_KEY, None) is not None
@@ -115,6 +123,18 @@ def save_pruned(
         raise
     logger.info(f"Saved {'pruned ' if pruned else ''}model to {target}")
     return target
+
+
+def _check_save_directory(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(
+            f"{str(target)!r} is a file, not a folder: save_pruned writes a folder, and overwrite=True replaces only "
+            "folders. Choose another save_directory, or remove the file."
+        )
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"{str(target)!r} already exists: pass overwrite=True to replace it, or choose another save_directory."
+        )
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
@@ -226,10 +246,15 @@ def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any)
     path = Path(pretrained_model_name_or_path)
     if path.is_dir():
         config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} has no config.json, so it holds no saved model: pass the folder save_pruned (or "
+                "save_pretrained) wrote."
+            )
     else:
-        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
-        config_file = Path(hf_hub_download(str(pretrained_model_name_or_path), "config.json", **hub_kwargs))
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+        _refuse_missing_local_path(pretrained_model_name_or_path)
+        config_file = _hub_config(str(pretrained_model_name_or_path), kwargs)
+    config = _read_config(config_file)
     if config.get(LAYOUT_KEY) is None:
         return AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **kwargs)
     PrunedLayout.from_dict(config[LAYOUT_KEY], num_layers=config.get("num_hidden_layers"))
@@ -237,6 +262,55 @@ def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any)
         check_weights_match_layout(path)
     _, model_cls = pruned_classes(base_model_type(config["model_type"]))
     return model_cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+def _refuse_missing_local_path(name_or_path: str | os.PathLike) -> None:
+    """A path that is a file, or that is neither a folder nor a Hub repo id, gets an error naming the local path."""
+    path = Path(name_or_path)
+    if path.exists():
+        raise NotADirectoryError(
+            f"{str(name_or_path)!r} is a file: pass the folder that holds config.json and the weights "
+            f"({str(path.absolute().parent)!r})."
+        )
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"No such folder: {_where(path)}, and it is not a Hub repo id ('owner/name') either. Check the path: pass "
+            "the folder save_pruned wrote, or a repo id."
+        ) from None
+
+
+def _where(path: Path) -> str:
+    """`'path'`, with the absolute path it resolved to when it was relative."""
+    return repr(str(path)) if path.is_absolute() else f"{str(path)!r} (looked for {str(path.absolute())!r})"
+
+
+def _hub_config(repo_id: str, kwargs: dict[str, Any]) -> Path:
+    """config.json of a Hub repo; a repo or file the Hub does not serve gets an error naming the local path too."""
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", **hub_kwargs))
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, LocalEntryNotFoundError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise OSError(
+            f"{repo_id!r} is neither a local folder (nothing at {str(Path(repo_id).absolute())!r}) nor a model "
+            f"the Hub serves ({type(error).__name__}: {reason}). Check the path; for a Hub repo check the id, "
+            "revision= and token= (private or gated repos need a token with access)."
+        ) from error
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{str(config_file)!r} is not valid JSON ({error}): the file is damaged or was not written by "
+            "save_pretrained. Save the model again, or restore the file."
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_file)!r} holds a JSON {type(config).__name__}, not a model config (an object).")
+    return config
 
 
 def load_for_pruning(
@@ -248,6 +322,16 @@ def load_for_pruning(
     file, whose tokenizer `export_gguf` copies.
     """
     if gguf_file is not None:
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            _refuse_missing_local_path(folder)
+        elif not (folder / gguf_file).is_file():
+            found = sorted(p.name for p in folder.glob("*.gguf"))
+            raise FileNotFoundError(
+                f"There is no GGUF file {gguf_file!r} in {str(folder)!r} (GGUF files there: "
+                f"{', '.join(found) or 'none'}): pass one of them as gguf_file (--gguf-file), or leave it out to load "
+                "safetensors weights."
+            )
         model = AutoModelForCausalLM.from_pretrained(
             pretrained_model_name_or_path, gguf_file=gguf_file, dtype=dtype,
             quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True),
@@ -280,10 +364,19 @@ def push_pruned_to_hub(
     The repository is created if missing. A model is first saved with `save_pruned` into a temporary folder (extra
     keyword arguments go there); a folder is uploaded as it is and never modified.
     """
+    check_repo_id(repo_id)
+    if not isinstance(model, (str, os.PathLike, nn.Module)):
+        raise TypeError(
+            f"push_pruned_to_hub takes a model object or a folder written by save_pruned, got "
+            f"{type(model).__name__} {model!r:.60}."
+        )
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="hf_adapt_pruner_push_") as tmp:
         if isinstance(model, (str, os.PathLike)):
             folder = Path(model)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"No such folder: {_where(folder)}. Pass a folder written by save_pruned, "
+                                        "or the model object.")  # fmt: skip
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"{str(folder)!r} has no config.json: pass a folder written by save_pruned.")
             if json.loads((folder / "config.json").read_text()).get(LAYOUT_KEY) is not None:

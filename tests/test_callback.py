@@ -144,37 +144,3 @@ def test_resuming_with_the_unpruned_model_gives_a_clear_error(tmp_path):
     again = make_trainer(tmp_path / "again", fresh, AdaptPrunerCallback(make_config()))
     with pytest.raises(ValueError, match="load_pruned"):
         again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
-
-
-@pytest.mark.parametrize(
-    ("config_overrides", "args_overrides", "message"),
-    [
-        ({"num_stages": 40}, {}, "do not fit in max_steps"),
-        ({"target_ratio": None, "target_params": 10**9}, {}, "not below"),
-        ({}, {"optim": "adafactor"}, "cannot be sliced"),
-        ({"importance_source": "calibration"}, {}, "needs calibration data"),
-        ({}, {"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"}, "load_best"),
-        ({"target_ratio": None, "target_params": 1000}, {}, "unreachable"),
-    ],
-)
-def test_bad_setups_are_refused_before_any_step(tmp_path, config_overrides, args_overrides, message):
-    model = tiny_model("llama").train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    callback = AdaptPrunerCallback(make_config(**config_overrides))
-    extra = {"eval_dataset": DATA[:4]} if "eval_strategy" in args_overrides else {}
-    args = dict(output_dir=str(tmp_path / "run"), max_steps=30, per_device_train_batch_size=4, report_to=[],
-                use_cpu=True, disable_tqdm=True, **args_overrides)  # fmt: skip
-    trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=DATA, callbacks=[callback], **extra)
-    with pytest.raises(ValueError, match=message):
-        trainer.train()
-    assert trainer.state.global_step == 0
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_unsupported_model_type_is_refused_at_train_begin(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128))
-    trainer = make_trainer(tmp_path, model, AdaptPrunerCallback(make_config()))
-    with pytest.raises(ValueError, match="register_architecture"):
-        trainer.train()

@@ -45,17 +45,6 @@ def test_cli_prunes_reports_and_saves(model_and_text, tmp_path, capsys):
     assert json.loads((output / "pruner_config.json").read_text())["inner_steps"] == 3
 
 
-def test_cli_reports_bad_input_without_a_traceback(model_and_text, tmp_path, capsys):
-    model_dir, text_dir = model_and_text
-    assert main(["prune", str(model_dir), "--target-ratio", "1.5", "--calibration", str(text_dir),
-                 "--output", str(tmp_path / "o")]) == 2  # fmt: skip
-    assert "target_ratio=1.5" in capsys.readouterr().err
-    (tmp_path / "exists").mkdir()
-    assert main(["prune", str(model_dir), "--target-ratio", "0.8", "--calibration", str(text_dir), "--output",
-                 str(tmp_path / "exists"), "--inner-steps", "1", "--eval-blocks", "0"]) == 2  # fmt: skip
-    assert "overwrite" in capsys.readouterr().err
-
-
 def test_cli_eval_reports_perplexity_and_speed(model_and_text, capsys):
     model_dir, text_dir = model_and_text
     assert main(["eval", str(model_dir), "--text", str(text_dir), "--blocks", "4", "--seq-len", "32",

@@ -197,7 +197,7 @@ def test_unreachable_target_is_refused_before_any_change():
     assert not hasattr(model.config, "pruned_layout")
 
 
-def test_target_at_or_above_size_changes_nothing(tiny_llama):
+def test_target_at_the_models_size_changes_nothing(tiny_llama):  # above it: tests/test_bad_inputs.py
     before = logits(tiny_llama)
     report = prune_model(tiny_llama, PrunerConfig(target_ratio=1.0), calibration_blocks(), progress=False)
     assert report.params_after == report.params_before
