@@ -16,9 +16,9 @@ import statistics
 import torch
 from _common import load_model, parser, text_blocks, write
 
-from hf_adapt_pruner.allocation import kv_group_scores
 from hf_adapt_pruner.architectures import get_architecture, layer_modules
 from hf_adapt_pruner.importance import group_scores
+from hf_adapt_pruner.plans import kv_group_scores
 from hf_adapt_pruner.pruner import current_layout, unit_costs
 from hf_adapt_pruner.scorers import prunable_parameters
 

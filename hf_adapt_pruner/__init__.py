@@ -1,12 +1,12 @@
 """hf_adapt_pruner: Adapt-Pruner (arXiv 2502.03460) for Hugging Face transformers."""
 
-from .allocation import LayerGeometry
 from .architectures import ArchitectureSpec, get_architecture, register_architecture, supported_model_types
 from .callback import AdaptPrunerCallback
 from .config import PrunerConfig
 from .data import CalibrationPool, token_blocks
 from .gguf_export import export_gguf
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
+from .plans import LayerGeometry
 from .pruner import AdaptivePruner, count_parameters, current_layout, materialize_masks, prune_model
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer, StaticScorer

@@ -13,10 +13,8 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .allocation import (
-    LayerGeometry,
     allocation_step,
     check_reachable,
-    layer_plans,
     model_params,
     normalize_importance,
     select_heads,
@@ -30,6 +28,7 @@ from .distributed import RankSync, is_distributed
 from .importance import GroupScores
 from .layout import LAYOUT_KEY, MASK_KEY, LayerWidths, PrunedLayout
 from .modeling.modeling_adapt_pruner import pruned_parameters
+from .plans import LayerGeometry, layer_plans
 from .remote_code import base_model_type, mark_pruned
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer

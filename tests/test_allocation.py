@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from hf_adapt_pruner import PrunerConfig, prune_model
-from hf_adapt_pruner.allocation import LayerGeometry, ScorePlan, allocation_step, layer_plans
+from hf_adapt_pruner.allocation import allocation_step
 from hf_adapt_pruner.importance import GroupScores
 from hf_adapt_pruner.layout import LayerWidths
+from hf_adapt_pruner.plans import LayerGeometry, ScorePlan, layer_plans
 
 from tiny_models import MODEL_TYPES, calibration_blocks, tiny_model
 
