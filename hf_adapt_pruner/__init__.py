@@ -5,6 +5,7 @@ from .architectures import ArchitectureSpec, get_architecture, register_architec
 from .callback import AdaptPrunerCallback
 from .config import PrunerConfig
 from .data import CalibrationPool, token_blocks
+from .distillation import DistillationConfig
 from .gguf_export import export_gguf
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
 from .pruner import AdaptivePruner, count_parameters, current_layout, materialize_masks, prune_model
@@ -21,6 +22,7 @@ __all__ = [
     "ArchitectureSpec",
     "CalibrationPool",
     "CalibrationScorer",
+    "DistillationConfig",
     "LayerGeometry",
     "LayerReport",
     "LayerWidths",
