@@ -16,6 +16,7 @@ import transformers
 
 RESULTS = Path(__file__).parent / "results"
 TEXT_DIR = "/usr/share/doc/python3.11/html/_sources"
+OTHER_TEXT_DIR = "/usr/share/doc/git-doc"  # English from another source: never trained on (out-of-domain evaluation)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAMES = {True: "tiny-random-llama", False: "SmolLM2-135M-Instruct (Q4_1 dequantized)"}  # by --smoke
 
@@ -55,6 +56,17 @@ def text_blocks(tokenizer, smoke: bool, text_dir: str, seq_len: int, calibration
         token_blocks(tokenizer, read_texts(calibration_files), seq_len, calibration),
         token_blocks(tokenizer, read_texts(eval_files), seq_len, evaluation),
     )
+
+
+def other_source_texts(text_dir: str) -> list[str]:
+    """The top-level `*.txt` files of `text_dir` (git's manual pages and guides), in a fixed shuffled order."""
+    from hf_adapt_pruner.data import read_texts
+
+    files = sorted(Path(text_dir).glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"No *.txt files in {text_dir} (apt-get install -y git-doc).")
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+    return read_texts([files[i] for i in order])
 
 
 def write(name: str, args, payload: dict) -> Path:
