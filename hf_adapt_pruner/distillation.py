@@ -115,8 +115,8 @@ def output_vocab_size(model: nn.Module) -> int:
 
 
 def copy_as_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """A frozen copy of `model` whose parameters are cast to `dtype` while copying (no full-precision copy first);
-    buffers (rotary frequencies) keep their dtype. Tied weights stay tied."""
+    """A frozen copy of `model`, in eval mode, whose parameters are cast to `dtype` while copying (no full-precision
+    copy first); buffers (rotary frequencies) keep their dtype. Tied weights stay tied."""
     if has_sharded_parameters(model):
         raise ValueError(
             "The model's parameters are sharded (FSDP2): a copy would be sharded too. Pass a full teacher on every "
@@ -129,7 +129,7 @@ def copy_as_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     teacher = copy.deepcopy(model, memo)
     for key in ("forward", "_original_forward"):  # instance-level wrappers (accelerate's autocast, TRL's fused head)
         teacher.__dict__.pop(key, None)
-    return teacher
+    return teacher.eval()  # no dropout
 
 
 def teacher_signature(teacher: nn.Module) -> dict[str, Any]:

@@ -105,7 +105,8 @@ class Recorder(TrainerCallback):
                 self.checks[-1]["teacher"] = {
                     "params": count_parameters(teacher),
                     "identical": same_on_every_rank(digest(teacher, optimizer.optimizer)),
-                    "frozen": all(not p.requires_grad and p.grad is None for p in teacher.parameters()),
+                    "frozen": not teacher.training
+                    and all(not p.requires_grad and p.grad is None for p in teacher.parameters()),
                     "outside_ddp": not any(id(m) in ddp_modules for m in teacher.modules()),
                 }  # fmt: skip
 

@@ -119,6 +119,7 @@ def test_teacher_copy_is_frozen_separate_and_reproduces_logits(model_type):
     model = tiny_model(model_type, gqa_ratio=3).train()
     teacher = copy_as_teacher(model, torch.bfloat16)
     assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in teacher.parameters())
+    assert not any(m.training for m in teacher.modules()) and model.training
     ids = {p.data_ptr() for p in model.parameters()}
     assert not any(p.data_ptr() in ids for p in teacher.parameters())
     distiller = Distiller(DistillationConfig(alpha=1.0))
