@@ -66,15 +66,26 @@ def held_out_sets(tokenizer, smoke: bool, text_dir: str, seq_len: int, blocks: i
         g = torch.Generator().manual_seed(1)
         return {name: torch.randint(3, 128, (blocks, seq_len), generator=g) for name in ("in-domain", "other source")}
     _, eval_files = split_files(text_files(text_dir), eval_fraction=0.1, seed=0)
-    other = sorted(Path(OTHER_TEXT_DIR).glob("*.txt"))  # the plain-text manuals and guides of git-doc
-    if not other:
-        raise SystemExit(f"No *.txt under {OTHER_TEXT_DIR}: apt-get install -y git-doc")
 
     def spread(texts: list[str]) -> torch.Tensor:  # blocks evenly spaced over all files, not the first file only
         every = token_blocks(tokenizer, texts, seq_len)
         return every[torch.linspace(0, len(every) - 1, min(blocks, len(every))).long()]
 
-    return {"in-domain": spread(read_texts(eval_files)), "other source": spread(read_texts(other))}
+    other = read_texts(sorted(Path(OTHER_TEXT_DIR).glob("*.txt")))  # git's manual pages and guides
+    if not other:
+        raise SystemExit(f"No *.txt under {OTHER_TEXT_DIR}: apt-get install -y git-doc")
+    return {"in-domain": spread(read_texts(eval_files)), "other source": spread(other)}
+
+
+def other_source_texts(text_dir: str) -> list[str]:
+    """The top-level `*.txt` files of `text_dir` (git's manual pages and guides), in a fixed shuffled order."""
+    from hf_adapt_pruner.data import read_texts
+
+    files = sorted(Path(text_dir).glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"No *.txt files in {text_dir} (apt-get install -y git-doc).")
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+    return read_texts([files[i] for i in order])
 
 
 def write(name: str, args, payload: dict) -> Path:

@@ -4,6 +4,7 @@ from .architectures import ArchitectureSpec, get_architecture, register_architec
 from .callback import AdaptPrunerCallback
 from .config import PrunerConfig
 from .data import CalibrationPool, token_blocks
+from .distillation import DistillationConfig
 from .gguf_export import export_gguf
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
 from .plans import LayerGeometry
@@ -21,6 +22,7 @@ __all__ = [
     "ArchitectureSpec",
     "CalibrationPool",
     "CalibrationScorer",
+    "DistillationConfig",
     "LayerGeometry",
     "LayerReport",
     "LayerWidths",

@@ -17,6 +17,7 @@ from transformers.utils import logging
 from .checks import check_optimizer, torch_optimizer, vocabulary_size
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
+from .distillation import DistillationConfig, Distiller
 from .distributed import ddp_rebuild_unsupported, rebuild_ddp_reducer
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
 from .pruner import AdaptivePruner
@@ -49,12 +50,23 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
     schedule, gradient accumulation and the optimizer carry on. Event statistics go to the Trainer's log history;
     call `callback.attach(trainer)` so they also reach `report_to` integrations (which otherwise see logs first).
 
+    With `distillation=DistillationConfig(...)` the model trains on `(1 - alpha) * CE + alpha * T^2 * KL(teacher ||
+    student)` (see `hf_adapt_pruner.distillation`); the teacher is `teacher`, or a frozen copy of the model taken in
+    `on_train_begin`, before any pruning. `distill/ce` and `distill/kl` join the Trainer's logs.
+
     Resuming: load the checkpoint's pruned model (`load_pruned(ckpt)` or `from_pretrained(ckpt,
     trust_remote_code=True)`), build the Trainer with the same callback config and call
-    `trainer.train(resume_from_checkpoint=ckpt)`; the stored schedule continues where it stopped.
+    `trainer.train(resume_from_checkpoint=ckpt)`; the stored schedule continues where it stopped. With distillation,
+    pass the original model as `teacher` (it is checked against the teacher the run started with).
     """
 
-    def __init__(self, config: PrunerConfig | dict, calibration_data: CalibrationData | None = None):
+    def __init__(
+        self,
+        config: PrunerConfig | dict,
+        calibration_data: CalibrationData | None = None,
+        distillation: DistillationConfig | dict | None = None,
+        teacher: torch.nn.Module | None = None,
+    ):
         if not isinstance(config, (PrunerConfig, dict)):
             raise TypeError(
                 f"config={config!r} is a {type(config).__name__}: pass a PrunerConfig (or its to_dict()), e.g. "
@@ -69,6 +81,12 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
                     "gradients); set importance_source='calibration' to score on it."
                 )
         self.calibration_data = calibration_data
+        if isinstance(distillation, dict):
+            distillation = DistillationConfig.from_dict(distillation)
+        if teacher is not None and distillation is None:
+            raise ValueError("A teacher without distillation: pass distillation=DistillationConfig(...) too.")
+        self._distiller = Distiller(distillation, teacher) if distillation is not None else None
+        self.teacher_signature: dict | None = None
         self.schedule: list[Stage] = []
         self.events_done = 0
         self.reports: list[PruneReport] = []
@@ -83,10 +101,12 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
 
     # --- ExportableState: the schedule survives a resume ------------------------------------------------------
     def state(self) -> dict:
+        distillation = self._distiller.config.to_dict() if self._distiller else None
         return {
-            "args": {"config": self.config.to_dict()},
-            "attributes": {"schedule": [s.to_dict() for s in self.schedule], "events_done": self.events_done},
-        }
+            "args": {"config": self.config.to_dict(), "distillation": distillation},
+            "attributes": {"schedule": [s.to_dict() for s in self.schedule], "events_done": self.events_done,
+                           "teacher_signature": self.teacher_signature},
+        }  # fmt: skip
 
     def attach(self, trainer) -> AdaptPrunerCallback:
         """Put this callback first in `trainer`'s list, so its statistics reach `report_to` integrations too, and let
@@ -132,6 +152,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             self._pruner.check_target(self.schedule[-1].target_params)
         events = ", ".join(f"step {s.step} -> {s.target_params:,}" for s in self.schedule)
         logger.info(f"Adapt-Accel schedule: {events}")
+        if self._distiller is not None:
+            self._start_distillation(args, state, model)  # before an event at step 0: the teacher is unpruned
         if self.events_done < len(self.schedule) and self.schedule[self.events_done].step <= state.global_step:
             self._prune(state, optimizer)  # an event at step 0 (calibration-based importance)
         self._update_window(state)
@@ -167,10 +189,29 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._ddp = wrapped
         return "physical"
 
-    def _restore_or_build_schedule(self, state) -> None:
+    def _stored_attributes(self, state) -> dict:
+        """This callback's attributes in the checkpoint's trainer_state.json (empty for a fresh run)."""
         stored = (state.stateful_callbacks or {}).get(type(self).__name__, {})
         stored = stored[0] if isinstance(stored, list) else stored
-        schedule = stored.get("attributes", {}).get("schedule") if isinstance(stored, dict) else None
+        return stored.get("attributes", {}) if isinstance(stored, dict) else {}
+
+    def _start_distillation(self, args, state, model) -> None:
+        if args.label_smoothing_factor:
+            raise ValueError(
+                "label_smoothing_factor > 0 makes the Trainer compute the loss outside the model, where distillation "
+                "cannot mix it in: set label_smoothing_factor=0 (the KL term already softens the targets)."
+            )
+        if getattr(args, "loss_type", "nll") not in ("nll", None):
+            raise ValueError(f"loss_type={args.loss_type!r} (TRL) reweights the per-token loss; distillation "
+                             "supports loss_type='nll'.")  # fmt: skip
+        autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        stored = self._stored_attributes(state).get("teacher_signature") if state.global_step > 0 else None
+        self._distiller.start(model, autocast=autocast, resuming_at=state.global_step, stored_signature=stored)
+        self.teacher_signature = self._distiller.signature
+        self._distiller.forwards = 0
+
+    def _restore_or_build_schedule(self, state) -> None:
+        schedule = self._stored_attributes(state).get("schedule")
         if state.global_step > 0 and schedule:
             self.schedule = [Stage(**s) for s in schedule]
             self.events_done = sum(s.step <= state.global_step for s in self.schedule)
@@ -249,6 +290,14 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             self._pruner.reapply_masks(torch_optimizer(optimizer))  # masked weights stay exactly zero
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self._distiller is not None and self._distiller.active:
+            if self._distiller.forwards == 0:
+                raise RuntimeError(
+                    f"Distillation is on, but no training forward with labels reached the model in step "
+                    f"{state.global_step}: the loss is computed outside the model (compute_loss_func, label "
+                    "smoothing, a Trainer subclass's compute_loss), where the teacher cannot be mixed in."
+                )
+            self._distiller.forwards = 0
         stage = self._next_stage()
         if stage is not None and state.global_step >= stage.step:
             self._prune(state, optimizer)
@@ -303,6 +352,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and self._distiller is not None and self._distiller.active:
+            self._pending_logs.update(self._distiller.pop_logs())  # a training log: every rank gets here
         if not self._pending_logs or logs is None:
             return
         logs.update(self._pending_logs)
@@ -312,3 +363,5 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._close_window()
+        if self._distiller is not None:
+            self._distiller.stop()

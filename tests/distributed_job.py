@@ -1,10 +1,12 @@
 """A 2-process Trainer run with AdaptPrunerCallback, launched by tests/test_distributed.py through torchrun (gloo).
 
-    torchrun --nproc_per_node 2 tests/distributed_job.py OUTPUT {resume,mask,disagree,unattached}
+    torchrun --nproc_per_node 2 tests/distributed_job.py OUTPUT {resume,mask,disagree,unattached,distill}
 
 Writes OUTPUT/result.json on rank 0: whether parameters and optimizer state were bit-identical across ranks after
 every prune event and at the end, the layouts, parameter counts, stage targets and losses; saves the final model with
-`save_pruned` (called on every rank, written by rank 0) and its logits on a fixed prompt.
+`save_pruned` (called on every rank, written by rank 0) and its logits on a fixed prompt. `distill` trains with a
+teacher on every rank (a frozen copy of the unpruned model), then resumes from the mid checkpoint with the original
+model passed as teacher.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hf_adapt_pruner.pruner
-from hf_adapt_pruner import AdaptPrunerCallback, PrunerConfig, count_parameters, load_pruned, save_pruned
+from hf_adapt_pruner import (
+    AdaptPrunerCallback,
+    DistillationConfig,
+    PrunerConfig,
+    count_parameters,
+    load_pruned,
+    save_pruned,
+)
 from hf_adapt_pruner.sharding import full_tensor
 from hf_adapt_pruner.surgery import _kept_per_module
 
@@ -46,9 +55,13 @@ def digest(model, optimizer) -> str:
 
 
 def identical_across_ranks(model, optimizer) -> bool:
-    digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, digest(model, optimizer))
-    return len(set(digests)) == 1
+    return same_on_every_rank(digest(model, optimizer))
+
+
+def same_on_every_rank(value) -> bool:
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return all(v == values[0] for v in values)
 
 
 def masked_units_are_zero(pruner, optimizer=None) -> bool:
@@ -86,9 +99,19 @@ class Recorder(TrainerCallback):
             self.events_seen = self.pruner_callback.events_done
             self.checks.append({"step": state.global_step, "params": pruner.num_parameters(), "mode": pruner.mode,
                                 "identical": identical_across_ranks(model, optimizer.optimizer)})  # fmt: skip
+            teacher = self.pruner_callback._distiller.teacher if self.pruner_callback._distiller else None
+            if teacher is not None:  # one per rank, identical, frozen, not inside DDP's module
+                ddp_modules = {id(m) for m in self.trainer.model_wrapped.modules()}
+                self.checks[-1]["teacher"] = {
+                    "params": count_parameters(teacher),
+                    "identical": same_on_every_rank(digest(teacher, optimizer.optimizer)),
+                    "frozen": not teacher.training
+                    and all(not p.requires_grad and p.grad is None for p in teacher.parameters()),
+                    "outside_ddp": not any(id(m) in ddp_modules for m in teacher.modules()),
+                }  # fmt: skip
 
 
-def train(model, output: Path, mode: str, resume: str | None = None):
+def train(model, output: Path, mode: str, resume: str | None = None, teacher=None):
     args = TrainingArguments(
         output_dir=str(output / "run"), max_steps=12, per_device_train_batch_size=2, learning_rate=1e-3,
         save_strategy="steps", save_steps=6, report_to=[], use_cpu=True, ddp_backend="gloo", seed=0,
@@ -97,9 +120,11 @@ def train(model, output: Path, mode: str, resume: str | None = None):
     data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=64, seq_len=16)]
     config = PrunerConfig(target_ratio=0.7, num_stages=2, importance_window=2, recovery_fraction=0.25, round_to=1,
                           amplitude=0.1, mode="mask" if mode == "mask" else "auto")  # fmt: skip
-    callback = AdaptPrunerCallback(config)
+    distillation = DistillationConfig(alpha=0.5, temperature=2.0) if mode == "distill" else None
+    callback = AdaptPrunerCallback(config, distillation=distillation, teacher=teacher)
     recorder = Recorder(callback)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, recorder])
+    recorder.trainer = trainer  # its model_wrapped is the DDP wrapper once training runs
     if mode != "unattached":
         callback.attach(trainer)
     trainer.train(resume_from_checkpoint=resume)
@@ -123,9 +148,15 @@ def main() -> None:
         "layout": callback._pruner.layout.to_dict(),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
     }
-    if mode == "resume":
+    if mode == "distill":
+        distill_logs = [{k: v for k, v in e.items() if k.startswith("distill/")} for e in trainer.state.log_history]
+        result["distill_logs"] = [e for e in distill_logs if e]
+        result["distill_logs_identical"] = same_on_every_rank(result["distill_logs"])
+    if mode in ("resume", "distill"):
         resumed_model = load_pruned(output / "run" / "checkpoint-6")
-        resumed, _, _ = train(resumed_model, output, mode, resume=str(output / "run" / "checkpoint-6"))
+        teacher = tiny_model("llama", gqa_ratio=3, layers=3) if mode == "distill" else None  # the original model
+        resumed, _, _ = train(resumed_model, output, mode, resume=str(output / "run" / "checkpoint-6"),
+                              teacher=teacher)  # fmt: skip
         result["resumed_layout"] = resumed.model.config.pruned_layout
         result["resumed_params"] = count_parameters(resumed.model)
     model = trainer.model.eval()

@@ -18,7 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("script", "key"),
     [("one_shot_quality", "adaptive_over_uniform"), ("inference_speed", "rows"), ("callback_overhead", "runs"),
      ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs"),
-     ("gguf_serving", "rows")],
+     ("gguf_serving", "rows"), ("distillation", "summary")],
 )  # fmt: skip
 def test_benchmark_smoke(script, key, tmp_path):
     if script == "gguf_serving" and importlib.util.find_spec("llama_cpp") is None:

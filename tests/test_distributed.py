@@ -49,6 +49,11 @@ def accelerate_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def distill_run(tmp_path_factory):
+    return run_job(tmp_path_factory, "distill")  # a teacher per rank, then a resume with the original as teacher
+
+
+@pytest.fixture(scope="module")
 def mask_run(tmp_path_factory):
     return run_job(tmp_path_factory, "mask")
 
@@ -58,7 +63,7 @@ def fsdp_run(request, tmp_path_factory):
     return run_job(tmp_path_factory, request.param, FSDP_JOB)  # importance from training or calibration batches
 
 
-@pytest.mark.parametrize("run", ["ddp_run", "accelerate_run", "mask_run"])
+@pytest.mark.parametrize("run", ["ddp_run", "accelerate_run", "mask_run", "distill_run"])
 def test_ranks_stay_bit_identical_through_prune_events(run, request):
     _, result = request.getfixturevalue(run)
     assert [c["step"] for c in result["checks"]] == [2, 9]
@@ -88,12 +93,21 @@ def test_mask_mode_keeps_masked_weights_at_zero(mask_run):
     assert result["masked_zero_every_step"]
 
 
-@pytest.mark.parametrize("run", ["ddp_run", "accelerate_run"])
+@pytest.mark.parametrize("run", ["ddp_run", "accelerate_run", "distill_run"])
 def test_resume_under_ddp_ends_with_the_same_layout(run, request):
     _, result = request.getfixturevalue(run)
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         assert result["resumed_layout"][key] == result["layout"][key]
     assert result["resumed_params"] == result["params"]
+
+
+def test_distillation_under_ddp_keeps_one_frozen_unpruned_teacher_per_rank(distill_run):
+    _, result = distill_run
+    for check in result["checks"]:  # after each prune event
+        teacher = check["teacher"]
+        assert teacher["identical"] and teacher["frozen"] and teacher["outside_ddp"]
+        assert teacher["params"] > check["params"]  # the student is pruned, the teacher is not
+    assert len(result["distill_logs"]) >= 4 and result["distill_logs_identical"]  # reduced over the ranks
 
 
 def test_fsdp2_prunes_with_masks_that_stay_zero(fsdp_run):

@@ -1,0 +1,380 @@
+"""Recovery with the teacher: knowledge distillation from the unpruned model while `AdaptPrunerCallback` trains.
+
+`DistillationConfig` holds the numbers; `Distiller` holds the teacher and, while training runs, replaces the student's
+`forward` on the model instance (not its class, not the Trainer) so that a training forward with labels returns
+
+    loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)
+
+over the positions the cross-entropy scores (see `distillation_loss`). Everything that calls the model's forward
+(`Trainer.compute_loss`, DDP, gradient checkpointing, TRL's `SFTTrainer`) then trains on that loss. Evaluation
+forwards, forwards without labels and `generate` go to the original forward unchanged, and `stop()` restores it.
+
+The teacher is kept out of the model's module tree: never in `state_dict`, checkpoints, saved models, the optimizer
+or DDP's buckets; it is frozen (`requires_grad=False`), in eval mode and runs under `torch.no_grad()`, one per rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import time
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.utils import ModelOutput, logging
+
+from .architectures import unwrap_peft
+from .distillation_loss import distillation_losses, scored_positions
+from .sharding import has_sharded_parameters
+from .version import __version__
+
+
+logger = logging.get_logger(__name__)
+
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Keyword arguments of the student's forward that are not model inputs for the teacher.
+_LOSS_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head", "logits_to_keep")
+_NOT_FOR_TEACHER = (*_LOSS_KWARGS, "use_cache", "cache", "past_key_values", "return_dict", "output_attentions",
+                    "output_hidden_states")  # fmt: skip
+
+
+@dataclass
+class DistillationConfig:
+    """Distillation from a teacher while pruning (`AdaptPrunerCallback(config, distillation=DistillationConfig())`).
+
+    Args:
+        alpha (`float`, defaults to `0.5`): weight of the distillation term, in [0, 1]. `0` trains on the LM loss
+            alone (the teacher still runs and `distill/kl` is logged), `1` on the KL alone.
+        temperature (`float`, defaults to `1.0`): both distributions are softened by `T` in the KL term; the term
+            is multiplied by `T^2` so its gradient keeps the same scale.
+        teacher_dtype (`str`, *optional*): `bfloat16` or `float16` keep the teacher at half the memory of a float32
+            model; `float32`, or `None` (default) to keep the dtype of the model the teacher is copied from.
+        chunk_size (`int`, defaults to `256`): scored positions per chunk of the KL. Transient memory is about
+            `10 * chunk_size * vocab_size * 4` bytes (256 positions x 49,152 tokens: 0.5 GB; x 151,936: 1.6 GB).
+
+    Worked example, one scored position with `alpha=0.5, temperature=2`: if the student's cross-entropy on the
+    label is 2.30 and KL(teacher || student) at T = 2 is 0.10, the position's loss is
+    0.5 * 2.30 + 0.5 * 4 * 0.10 = 1.35. The Trainer normalises the sum over positions exactly as for its own loss
+    (by `num_items_in_batch` under gradient accumulation), so `alpha=0` gives the LM loss (up to float rounding).
+    """
+
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term in [0, 1]; (1 - alpha) weighs CE."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of the KL term (times T^2)."})
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Teacher weights in bfloat16 / float16 (half the memory) or float32; None: as the model."},
+    )
+    chunk_size: int = field(default=256, metadata={"help": "Scored positions per chunk of the KL computation."})
+    library_version: str = field(default=__version__, metadata={"help": "hf_adapt_pruner version that wrote this."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha!r}: use a weight in [0, 1] (0.5 mixes CE and KL equally).")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r}: use a positive number (1.0: the plain softmax).")
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: use None or one of {', '.join(TEACHER_DTYPES)}.")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size={self.chunk_size!r} must be a positive integer (e.g. 256).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillationConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning(f"DistillationConfig: ignoring unknown keys {unknown} (written by another version?).")
+        return cls(**{k: v for k, v in data.items() if k in known and k != "library_version"})
+
+
+@dataclass
+class DistilledOutput(ModelOutput):
+    """What a distilling forward returns to TRL's trainers (called with `fused_lm_head=True`): per-position tensors
+    of shape (B, T - 1) (or (B, T) with `shift_labels`), zero where the label is -100. `log_probs` is minus the mixed
+    loss of each position, so the trainer's `-log_probs.sum() / num_tokens` is the distillation loss."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def output_vocab_size(model: nn.Module) -> int:
+    return unwrap_peft(model).get_output_embeddings().weight.shape[0]
+
+
+def copy_as_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A frozen copy of `model`, in eval mode, whose parameters are cast to `dtype` while copying (no full-precision
+    copy first); buffers (rotary frequencies) keep their dtype. Tied weights stay tied."""
+    if has_sharded_parameters(model):
+        raise ValueError(
+            "The model's parameters are sharded (FSDP2): a copy would be sharded too. Pass a full teacher on every "
+            "rank: AdaptPrunerCallback(config, distillation=..., teacher=original_model)."
+        )
+    memo = {}
+    for param in model.parameters():
+        if id(param) not in memo:
+            memo[id(param)] = nn.Parameter(param.detach().to(dtype or param.dtype, copy=True), requires_grad=False)
+    teacher = copy.deepcopy(model, memo)
+    for key in ("forward", "_original_forward"):  # instance-level wrappers (accelerate's autocast, TRL's fused head)
+        teacher.__dict__.pop(key, None)
+    return teacher.eval()  # no dropout
+
+
+def teacher_signature(teacher: nn.Module) -> dict[str, Any]:
+    """A fingerprint of the teacher's weights (JSON), stored with the callback's state to check it on resume."""
+    abs_sum, sq_sum = 0.0, 0.0
+    with torch.no_grad():
+        for param in teacher.parameters():
+            for values in param.detach().reshape(-1).split(1 << 22):  # float64 in slices: a small transient copy
+                values = values.double()
+                abs_sum += float(values.abs().sum())
+                sq_sum += float(values.square().sum())
+    n = sum(p.numel() for p in teacher.parameters())
+    return {"num_parameters": n, "vocab_size": output_vocab_size(teacher), "abs_sum": abs_sum, "sq_sum": sq_sum}
+
+
+def same_teacher(a: dict[str, Any], b: dict[str, Any], rtol: float = 1e-4) -> bool:
+    if a["num_parameters"] != b["num_parameters"] or a["vocab_size"] != b["vocab_size"]:
+        return False
+    return all(abs(a[k] - b[k]) <= rtol * max(abs(a[k]), abs(b[k])) for k in ("abs_sum", "sq_sum"))
+
+
+def logits_head(model: nn.Module):
+    """`hidden (c, H) -> logits (c, V)`: the output embedding plus the final transforms some configs declare
+    (`logit_scale` / `logits_scaling` multipliers, `final_logit_softcapping`). `check_head` verifies it."""
+    lm_head = model.get_output_embeddings()
+    config = model.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    if scale is None and getattr(config, "logits_scaling", None):
+        scale = 1.0 / config.logits_scaling  # Granite divides
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(hidden)
+        if scale is not None:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return head
+
+
+def check_head(model: nn.Module, head) -> None:
+    """Refuse a teacher whose logits `head` cannot reproduce from its final hidden states."""
+    embeddings = model.get_input_embeddings().weight
+    ids = torch.arange(1, 9, device=embeddings.device)[None] % embeddings.shape[0]
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits.float()
+        got = head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state).float()
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-5):
+        raise ValueError(
+            f"The teacher ({type(model).__name__}) computes its logits from its hidden states in a way distillation "
+            "does not reproduce (max difference {:.3g}); only output embeddings with logit_scale / logits_scaling / "
+            "final_logit_softcapping are supported. Please report the architecture.".format(
+                float((got - expected).abs().max())
+            )
+        )
+
+
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # student model -> its Distiller
+
+
+def _distilling_forward(self, *args, **kwargs):
+    """Installed as `model.forward` (bound to the model); finds this model's distiller."""
+    distiller = _ACTIVE.get(self)
+    if distiller is None:  # a deep copy of a distilling model: plain forward
+        return type(self).forward(self, *args, **kwargs)
+    return distiller.forward(self, *args, **kwargs)
+
+
+class Distiller:
+    """The teacher and the distilling forward of one training run (the engine behind the callback's option).
+
+    ```python
+    distiller = Distiller(DistillationConfig(alpha=0.5))   # teacher=None: a frozen copy of the model at start()
+    distiller.start(model)                                 # model.forward now returns the mixed loss in training
+    ...                                                    # train (any loop calling model(**batch, labels=...))
+    distiller.pop_logs()                                   # {"distill/ce": ..., "distill/kl": ...} since last call
+    distiller.stop()                                       # original forward back, teacher released
+    ```
+    """
+
+    def __init__(self, config: DistillationConfig, teacher: nn.Module | None = None):
+        self.config = config
+        self.given_teacher = teacher
+        self.teacher: nn.Module | None = None
+        self.signature: dict[str, Any] | None = None
+        self.forwards = 0  # distilling forwards since the caller last reset it
+        self.seconds = 0.0  # wall time of the teacher and the loss (the student's forward excluded)
+        self._student: nn.Module | None = None
+        self._saved_forward = None  # the instance-level forward found at start() (accelerate's, TRL's) or None
+        self._previous = None  # what the distilling forward calls for the student
+        self._arg_names: list[str] = []
+        self._head = None
+        self._autocast: torch.dtype | None = None
+        self._stats: torch.Tensor | None = None  # (ce sum, kl sum, positions) since the last pop_logs()
+        self._device = torch.device("cpu")
+
+    @property
+    def active(self) -> bool:
+        return self.teacher is not None
+
+    # --- set-up and tear-down -----------------------------------------------------------------------------------
+    def start(self, model: nn.Module, autocast: torch.dtype | None = None, resuming_at: int = 0,
+              stored_signature: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """Build (or take) the teacher, check it, and install the distilling forward on `model` (PEFT unwrapped).
+        `resuming_at > 0`: the model is a checkpoint's, so the teacher must be given; `stored_signature` (from the
+        run's first start) must then match it."""
+        student = unwrap_peft(model)
+        previous = _ACTIVE.get(student)
+        if previous is not None:  # left installed by a run that failed before on_train_end
+            previous.stop()
+        if self._is_distilling(student.__dict__.get("forward")):  # a deep copy of a distilling model
+            del student.__dict__["forward"]
+        teacher = self._teacher_for(student, resuming_at)
+        signature = teacher_signature(teacher)
+        if stored_signature is not None and not same_teacher(signature, stored_signature):
+            raise ValueError(
+                f"The teacher differs from the one this run started with ({signature['num_parameters']:,} parameters "
+                f"vs {stored_signature['num_parameters']:,}, or different weights). Resume with the same teacher: "
+                "the original model, loaded as it was when training started (same weights, same teacher_dtype)."
+            )
+        head = logits_head(teacher)
+        check_head(teacher, head)
+        self.teacher, self.signature, self._head, self._autocast = teacher, signature, head, autocast
+        self._student, self._saved_forward = student, student.__dict__.get("forward")
+        self._device = next(student.parameters()).device
+        self._previous = student.forward
+        self._arg_names = list(inspect.signature(type(student).forward).parameters)[1:]
+        _ACTIVE[student] = self
+        student.forward = types.MethodType(_distilling_forward, student)
+        logger.info(f"Distillation: alpha {self.config.alpha}, temperature {self.config.temperature}, teacher "
+                    f"{signature['num_parameters']:,} parameters in {next(teacher.parameters()).dtype}")  # fmt: skip
+
+    def _teacher_for(self, student: nn.Module, resuming_at: int) -> nn.Module:
+        dtype = TEACHER_DTYPES.get(self.config.teacher_dtype)
+        if self.given_teacher is None:
+            if resuming_at > 0:
+                raise ValueError(
+                    f"Resuming at step {resuming_at} with distillation: the model is now the checkpoint's (pruned and "
+                    "trained), not the original the teacher was copied from. Pass the original model as teacher: "
+                    "AdaptPrunerCallback(config, distillation=..., teacher=<the model as loaded before training>). "
+                    "(TrainingArguments(restore_callback_states_from_checkpoint=True) rebuilds callbacks from stored "
+                    "arguments, which cannot hold a teacher: leave it False.)"
+                )
+            return copy_as_teacher(student, dtype)
+        teacher = unwrap_peft(self.given_teacher)
+        student_params = {p.data_ptr() for p in student.parameters()}
+        if any(p.data_ptr() in student_params for p in teacher.parameters()):
+            raise ValueError(
+                "The teacher shares weights with the model being trained: pass a separate copy of the original model, "
+                "or teacher=None for a frozen copy taken when training starts."
+            )
+        if output_vocab_size(teacher) != output_vocab_size(student):
+            raise ValueError(
+                f"The teacher's vocabulary has {output_vocab_size(teacher):,} entries and the student's "
+                f"{output_vocab_size(student):,}: distillation compares next-token distributions over the same "
+                "tokens, so the teacher must use the student's tokenizer (and the same padded vocabulary size)."
+            )
+        if getattr(teacher, "hf_device_map", None) is None:
+            teacher.to(next(student.parameters()).device)
+        if dtype is not None:
+            teacher.to(dtype)
+        return teacher.eval().requires_grad_(False)
+
+    def stop(self) -> None:
+        """Put the model's own forward back and release the teacher."""
+        student = self._student
+        if student is not None and _ACTIVE.get(student) is self:
+            del _ACTIVE[student]
+            if self._saved_forward is not None:
+                student.forward = self._saved_forward
+            else:
+                student.__dict__.pop("forward", None)
+        self._student = self._previous = self._saved_forward = self._head = self.teacher = None
+
+    @staticmethod
+    def _is_distilling(forward) -> bool:
+        return getattr(forward, "__func__", None) is _distilling_forward
+
+    # --- the forward ------------------------------------------------------------------------------------------
+    def forward(self, model: nn.Module, *args, **kwargs):
+        if args:  # positional arguments, by the names of the model class's forward
+            kwargs = {**dict(zip(self._arg_names, args)), **kwargs}
+        labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+        if not model.training or (labels is None and shift_labels is None) or self.teacher is None:
+            return self._previous(**kwargs)  # evaluation, generation, calibration passes: unchanged
+        if kwargs.get("input_ids") is None:
+            raise ValueError("Distillation needs input_ids (the teacher embeds them itself), not inputs_embeds.")
+        fused = kwargs.pop("fused_lm_head", False)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        for key in ("labels", "shift_labels", "logits_to_keep"):
+            kwargs.pop(key, None)
+        outputs = self._previous(**kwargs)  # the student: its logits, no loss
+        start = time.perf_counter()
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs.logits
+        targets = scored_positions(labels, shift_labels)
+        device = next(self.teacher.parameters()).device
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items() if k not in _NOT_FOR_TEACHER}
+        with self._autocast_context(device):
+            with torch.no_grad():
+                hidden = self.teacher.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+            losses = distillation_losses(logits, hidden, targets, self._head, self.config.alpha,
+                                         self.config.temperature, self.config.chunk_size)  # fmt: skip
+        norm = num_items if num_items is not None else max(losses.rows.numel(), 1)
+        loss = losses.mixed.sum() / norm
+        self._record(losses)
+        self.seconds += time.perf_counter() - start
+        if fused:
+            return self._fused_output(loss, logits, losses, targets, shifted=shift_labels is None)
+        if isinstance(outputs, tuple):
+            return (loss, *outputs)
+        if "loss" not in _field_names(outputs):
+            raise TypeError(f"{type(outputs).__name__} has no loss field to carry the distillation loss.")
+        return type(outputs)(**{**outputs, "loss": loss})  # a new object, so that `loss` comes first
+
+    def _autocast_context(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self._autocast, enabled=self._autocast is not None)
+
+    def _fused_output(self, loss, logits, losses, targets, shifted: bool) -> DistilledOutput:
+        mask = targets != -100  # (B, T)
+
+        def grid(values: torch.Tensor) -> torch.Tensor:
+            full = values.new_zeros(mask.shape).masked_scatter(mask, values)
+            return full[:, :-1] if shifted else full
+
+        return DistilledOutput(loss=loss, logits=logits, log_probs=grid(-losses.mixed), entropy=grid(losses.entropy),
+                               is_top1=grid(losses.is_top1), label_mask=mask[:, :-1] if shifted else mask)  # fmt: skip
+
+    # --- statistics -------------------------------------------------------------------------------------------
+    def _record(self, losses) -> None:
+        self.forwards += 1
+        stats = torch.stack([losses.ce.sum(), losses.kl.sum(), losses.ce.new_tensor(float(losses.rows.numel()))])
+        self._stats = stats if self._stats is None else self._stats + stats
+
+    def pop_logs(self) -> dict[str, float]:
+        """`distill/ce` and `distill/kl` per scored position since the last call, over all ranks (a collective
+        in multi-process runs: call it on every rank)."""
+        stats = self._stats if self._stats is not None else torch.zeros(3, device=self._device)
+        self._stats = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        ce, kl, n = stats.tolist()
+        return {"distill/ce": ce / n, "distill/kl": kl / n} if n else {}
+
+
+def _field_names(outputs) -> set[str]:
+    return {f.name for f in dataclasses.fields(outputs)} if dataclasses.is_dataclass(outputs) else set()
