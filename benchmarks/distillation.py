@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,6 +51,12 @@ def arguments():
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--other-text-dir", default=OTHER_TEXT_DIR)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Runs at once (e.g. 2 with OMP_NUM_THREADS=1: step times then include the other run's load).",
+    )
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0])
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=80)
@@ -185,9 +192,11 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as folder:
         task = build_cloze_task(cloze_paragraphs(args), Path(folder), TASK, args.questions)
-        rows = [launch(args, "original", args.seeds[0], task.folder)]
-        for seed in args.seeds:
-            rows += [launch(args, run, seed, task.folder) for run in ["lm", *map(str, args.alphas)]]
+        runs = [("original", args.seeds[0])] + [
+            (run, seed) for seed in args.seeds for run in ["lm", *map(str, args.alphas)]
+        ]
+        with ThreadPoolExecutor(args.jobs) as pool:  # child processes; rows stay in this order
+            rows = list(pool.map(lambda run: launch(args, *run, task.folder), runs))
     original = rows[0]
     write("distillation", args, {
         "model": original["model"], "target_ratio": 0.7, "steps": args.max_steps, "stages": args.num_stages,
