@@ -62,7 +62,8 @@ def main() -> None:
             passes = -(-config.inner_steps // config.rescore_every)
             rows.append({"setting": setting, "seed": seed, "params": report.params_after, "prune_seconds": seconds,
                          "scoring_passes": passes, "calibration_tokens": passes * config.calibration_samples * seq_len,
-                         **{f"ppl {k}": perplexity(pruned, v) for k, v in held_out.items()}})  # fmt: skip
+                         **{f"ppl {k}": perplexity(pruned, v) for k, v in held_out.items()},
+                         "widths": [layer.after.as_tuple() for layer in report.layers]})  # fmt: skip
             print(rows[-1], flush=True)
             del pruned
     write("one_shot_cost", args, {"model": name, "target_ratio": args.target_ratio, "seeds": args.seeds,

@@ -57,7 +57,8 @@ def main() -> None:
                 kv_heads = sum(layer.after.num_key_value_heads for layer in report.layers)
                 rows.append({"ratio": ratio, "mode": mode, "seed": seed, "params": report.params_after,
                              "prune_seconds": seconds, "kv_heads": kv_heads,
-                             **{f"ppl {k}": perplexity(pruned, v) for k, v in held_out.items()}})  # fmt: skip
+                             **{f"ppl {k}": perplexity(pruned, v) for k, v in held_out.items()},
+                             "widths": [layer.after.as_tuple() for layer in report.layers]})  # fmt: skip
                 print(rows[-1], flush=True)
                 del pruned
     summary = {}

@@ -159,8 +159,14 @@ class ScorePlan:
 
     Each kind's units are in ascending value (score per parameter), and the two lists are merged into a ladder: rung
     `k` is the layer after its `k` cheapest units are gone. `widths(s)` climbs to the first rung within the budget of
-    sparsity `s`, so widths only narrow as `s` grows. `grow` offers back the most valuable unit removed so far that
-    fits: the last removed attention unit or the last removed MLP block.
+    sparsity `s`. `grow` offers back the most valuable unit removed so far that fits: the last removed attention
+    unit or the last removed MLP block.
+
+    Attention is never cut deeper than the layer's own sparsity: at sparsity `s` a layer of `n` attention units (kv
+    groups, or query heads per kv group) has lost at most `floor(s * n)` of them. First-order scores are reliable for
+    small changes, and a kv group is a large one: in SmolLM2's first layer the Taylor score puts a kv group below 171
+    channels of the same size, while zeroing it costs 2 to 100 times more loss (benchmarks/taylor_scale.py). Within
+    that share, the scores choose between attention and channels.
     """
 
     def __init__(self, geometry: LayerGeometry, current: LayerWidths, scores: GroupScores, config: PrunerConfig):
@@ -170,14 +176,30 @@ class ScorePlan:
         self.attention = self._attention_units(scores)
         self.mlp = self._mlp_units(scores)
         self.mlp_removed = [0, *itertools.accumulate(unit.size for unit in self.mlp)]  # channels gone after m units
-        # a stable sort: each kind keeps its own ascending order
-        merged = sorted([(u.value, 0, u.cost) for u in self.attention] + [(u.value, 1, u.cost) for u in self.mlp],
-                        key=lambda entry: entry[0])  # fmt: skip
-        counts, self.rungs, self.removed = [0, 0], [current], [0]
-        for _, kind, cost in merged:
-            counts[kind] += 1
-            self.rungs.append(self._widths(*counts))
-            self.removed.append(self.removed[-1] + cost)
+        base, kind = geometry.base, config.attention_unit
+        self.attention_base = base.num_key_value_heads if kind == "kv_group" else base.num_attention_heads // max(
+            1, base.num_key_value_heads)  # fmt: skip
+        self.attention_gone = self.attention_base - self._attention_units_of(current)
+        self._ladders: dict[int, tuple[list[LayerWidths], list[int]]] = {}
+
+    def _attention_units_of(self, widths: LayerWidths) -> int:
+        """Attention units (kv groups, or query heads per kv group) a layer of these widths has."""
+        if self.config.attention_unit == "kv_group":
+            return widths.num_key_value_heads
+        return widths.num_attention_heads // widths.num_key_value_heads
+
+    def _ladder(self, attention_cap: int) -> tuple[list[LayerWidths], list[int]]:
+        """(rungs, parameters removed at each) when at most `attention_cap` attention units may go."""
+        if attention_cap not in self._ladders:
+            units = [(u.value, 0, u.cost) for u in self.attention[:attention_cap]]
+            units += [(u.value, 1, u.cost) for u in self.mlp]
+            counts, rungs, removed = [0, 0], [self.current], [0]
+            for _, kind, cost in sorted(units, key=lambda unit: unit[0]):  # stable: each kind keeps its order
+                counts[kind] += 1
+                rungs.append(self._widths(*counts))
+                removed.append(removed[-1] + cost)
+            self._ladders[attention_cap] = rungs, removed
+        return self._ladders[attention_cap]
 
     def _attention_units(self, scores: GroupScores) -> list[_Unit]:
         if not self.config.prune_attention:
@@ -223,8 +245,10 @@ class ScorePlan:
     def widths(self, sparsity: float) -> LayerWidths:
         need = self.current_prunable - (1.0 - sparsity) * self.base_budget  # parameters to remove
         if need <= 0:
-            return self.rungs[0]
-        return self.rungs[min(bisect_left(self.removed, need), len(self.rungs) - 1)]
+            return self.current
+        cap = math.floor(sparsity * self.attention_base + 1e-9) - self.attention_gone
+        rungs, removed = self._ladder(min(max(cap, 0), len(self.attention)))
+        return rungs[min(bisect_left(removed, need), len(rungs) - 1)]
 
     def grow(self, widths: LayerWidths, room: int) -> Growth | None:
         heads, kv, channels = self.current.as_tuple()

@@ -34,12 +34,22 @@ def config(**overrides) -> PrunerConfig:
     return PrunerConfig(target_ratio=0.7, **overrides)
 
 
-def test_cheap_attention_goes_before_channels():
+def test_cheap_attention_goes_before_channels_within_the_layers_share():
     plan = ScorePlan(SMOL, SMOL.base, scores(kv_group=1.0, channel=10.0), config())
-    # 30 % of the layer is ~1.06 M parameters: three kv groups would be too many (floor 1), so two go, then channels.
-    widths = plan.widths(0.3)
-    assert (widths.num_attention_heads, widths.num_key_value_heads) == (3, 1)
+    # At sparsity 0.5 the layer may lose floor(0.5 * 3) = 1 kv group: it goes first, then channels.
+    widths = plan.widths(0.5)
+    assert (widths.num_attention_heads, widths.num_key_value_heads) == (6, 2)
     assert widths.intermediate_size < 1536 and widths.intermediate_size % 8 == 0
+    # At 0.7, two of three; never deeper than the layer's sparsity, however cheap the scores make attention.
+    assert plan.widths(0.7).num_key_value_heads == 1
+    assert plan.widths(0.3).as_tuple()[:2] == (9, 3)
+
+
+def test_attention_share_counts_units_removed_by_earlier_steps():
+    current = LayerWidths(6, 2, 1536)  # one kv group already gone
+    plan = ScorePlan(SMOL, current, scores(1.0, 10.0, heads=6, kv=2), config())
+    assert plan.widths(0.5).num_key_value_heads == 2  # floor(0.5 * 3) = 1 is used up
+    assert plan.widths(0.7).num_key_value_heads == 1
 
 
 def test_cheap_channels_keep_every_kv_group():
@@ -50,20 +60,21 @@ def test_cheap_channels_keep_every_kv_group():
     assert 0 <= removed - 0.3 * SMOL.prunable_base(config()) < 8 * SMOL.channel_cost  # within one round_to block
 
 
-def test_widths_only_narrow_as_sparsity_grows():
+def test_layer_shrinks_as_sparsity_grows():
     plan = ScorePlan(SMOL, SMOL.base, scores(kv_group=1.0, channel=1.2), config())
-    previous = SMOL.base
+    previous = SMOL.params(SMOL.base)
     for s in torch.linspace(0.0, 0.99, 100).tolist():
         widths = plan.widths(s)
-        assert all(new <= old for new, old in zip(widths.as_tuple(), previous.as_tuple()))
+        params = SMOL.params(widths)
+        assert params <= previous and params <= (1 - s) * SMOL.params(SMOL.base) or widths.intermediate_size == 8
         assert widths.num_key_value_heads >= 1 and widths.intermediate_size >= 8
-        previous = widths
+        previous = params
 
 
 def test_query_head_unit_takes_one_head_from_every_group():
     plan = ScorePlan(SMOL, SMOL.base, scores(kv_group=1.0, channel=10.0), config(attention_unit="query_head"))
-    widths = plan.widths(0.3)
-    assert widths.num_key_value_heads == 3 and widths.num_attention_heads in (3, 6)
+    widths = plan.widths(0.4)  # floor(0.4 * 3 query heads per group) = 1 from every group
+    assert widths.num_key_value_heads == 3 and widths.num_attention_heads == 6
 
 
 def test_grow_gives_back_the_most_valuable_unit_that_fits():
