@@ -22,6 +22,7 @@ from hf_adapt_pruner.evaluation import perplexity
 # name: PrunerConfig overrides (allocation defaults to "score")
 SETTINGS = {
     "5 steps x 16, rescore every step": {"inner_steps": 5, "calibration_samples": 16},
+    "10 steps x 8, rescore every step": {"inner_steps": 10, "calibration_samples": 8},
     "10 steps x 16, rescore every step": {"inner_steps": 10, "calibration_samples": 16},
     "10 steps x 64, one scoring pass": {"inner_steps": 10, "calibration_samples": 64, "rescore_every": 10},
     "10 steps x 32, rescore every 5": {"inner_steps": 10, "calibration_samples": 32, "rescore_every": 5},
@@ -35,11 +36,11 @@ def main() -> None:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--target-ratio", type=float, default=0.7)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--settings", nargs="+", help="Names from SETTINGS (default: all).")
+    p.add_argument("--settings", nargs="*", help="Names from SETTINGS (default: all; none with --reference alone).")
     p.add_argument("--reference", action="store_true", help="Also run the previous default (~9 min a seed).")
     p.add_argument("--eval-blocks", type=int, default=32)
     args = p.parse_args()
-    settings = {name: SETTINGS[name] for name in args.settings} if args.settings else dict(SETTINGS)
+    settings = dict(SETTINGS) if args.settings is None else {name: SETTINGS[name] for name in args.settings}
     if args.reference:
         settings |= REFERENCE
     if args.smoke:

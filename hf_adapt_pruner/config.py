@@ -132,8 +132,11 @@ class PrunerConfig:
     )
     # --- the pruning loop ---------------------------------------------------------------------------------------
     inner_steps: int = field(
-        default=50,
-        metadata={"help": "Inner iterations per prune event (paper: 50); importances are re-measured at each one."},
+        default=10,
+        metadata={
+            "help": "Inner iterations per prune event (paper: 50); importances are re-measured every rescore_every of "
+            "them. 10 x 16 calibration sequences is the measured knee for one-shot pruning (docs/benchmarks.md)."
+        },
     )
     rescore_every: int = field(
         default=1,
@@ -143,7 +146,7 @@ class PrunerConfig:
         },
     )
     calibration_samples: int = field(
-        default=32, metadata={"help": "Calibration sequences used per inner step (resampled from the pool)."}
+        default=16, metadata={"help": "Calibration sequences per scoring pass (resampled from the pool)."}
     )
     calibration_seq_len: int = field(default=128, metadata={"help": "Tokens per calibration sequence."})
     calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward pass."})
