@@ -133,8 +133,7 @@ class ProportionalPlan:
 
 @dataclass(frozen=True)
 class _Unit:
-    kind: str  # "attention" or "mlp"
-    size: int  # kv groups or query heads per kv group (attention), channels (mlp)
+    size: int  # channels of an MLP block (an attention unit is one kv group, or one query head per kv group)
     cost: int
     score: float
 
@@ -176,9 +175,7 @@ class ScorePlan:
         self.attention = self._attention_units(scores)
         self.mlp = self._mlp_units(scores)
         self.mlp_removed = [0, *itertools.accumulate(unit.size for unit in self.mlp)]  # channels gone after m units
-        base, kind = geometry.base, config.attention_unit
-        self.attention_base = base.num_key_value_heads if kind == "kv_group" else base.num_attention_heads // max(
-            1, base.num_key_value_heads)  # fmt: skip
+        self.attention_base = self._attention_units_of(geometry.base)
         self.attention_gone = self.attention_base - self._attention_units_of(current)
         self._ladders: dict[int, tuple[list[LayerWidths], list[int]]] = {}
 
@@ -211,12 +208,12 @@ class ScorePlan:
         if self.config.attention_unit == "kv_group":
             group_scores = kv_group_scores(scores)
             cost = group * g.q_head_cost + g.kv_head_cost
-            return [_Unit("attention", 1, cost, float(group_scores[j]))
+            return [_Unit(1, cost, float(group_scores[j]))
                     for j in removal_order(group_scores)[: max(0, kv - kv_floor)]]  # fmt: skip
         # query_head: unit r takes the r-th least important query head out of every kv group
         q = scores.q_heads.double().view(kv, group)
         ascending = torch.stack([q[j][removal_order(q[j])] for j in range(kv)])  # (kv, group)
-        return [_Unit("attention", 1, kv * g.q_head_cost, float(ascending[:, r].sum()))
+        return [_Unit(1, kv * g.q_head_cost, float(ascending[:, r].sum()))
                 for r in range(max(0, group - per_group_floor))]  # fmt: skip
 
     def _mlp_units(self, scores: GroupScores) -> list[_Unit]:
@@ -229,7 +226,7 @@ class ScorePlan:
         bounds = [0, first] if 0 < first <= removable else [0]
         bounds += range(first + round_to, removable + 1, round_to)
         cost = self.geometry.channel_cost
-        return [_Unit("mlp", end - start, (end - start) * cost, float(ordered[start:end].sum()))
+        return [_Unit(end - start, (end - start) * cost, float(ordered[start:end].sum()))
                 for start, end in itertools.pairwise(bounds)]  # fmt: skip
 
     def _widths(self, attention_units: int, mlp_units: int) -> LayerWidths:
@@ -251,12 +248,8 @@ class ScorePlan:
         return rungs[min(bisect_left(removed, need), len(rungs) - 1)]
 
     def grow(self, widths: LayerWidths, room: int) -> Growth | None:
-        heads, kv, channels = self.current.as_tuple()
-        if self.config.attention_unit == "kv_group":
-            a = kv - widths.num_key_value_heads
-        else:
-            a = (heads - widths.num_attention_heads) // kv
-        m = self.mlp_removed.index(channels - widths.intermediate_size)
+        a = self._attention_units_of(self.current) - self._attention_units_of(widths)
+        m = self.mlp_removed.index(self.current.intermediate_size - widths.intermediate_size)
         options = []
         if a > 0:
             options.append(Growth(self._widths(a - 1, m), self.attention[a - 1].cost, self.attention[a - 1].value))
