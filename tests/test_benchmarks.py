@@ -16,7 +16,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.mark.parametrize(
     ("script", "key"),
-    [("one_shot_quality", "adaptive_over_uniform"), ("inference_speed", "rows"), ("callback_overhead", "runs"),
+    [("one_shot_quality", "mean_perplexity"), ("one_shot_cost", "rows"), ("taylor_scale", "first_removal"),
+     ("main_job_allocation", "rows"), ("inference_speed", "rows"), ("callback_overhead", "runs"),
      ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs"),
      ("gguf_serving", "rows"), ("distillation", "summary")],
 )  # fmt: skip
