@@ -26,9 +26,9 @@ from .pruner import checked_pruner, count_parameters, prune_model
 from .serialization import load_for_pruning, save_pruned
 
 
-TUNABLE = ("amplitude", "layer_importance", "group_importance", "attention_unit", "inner_steps", "round_to",
-           "calibration_samples", "calibration_seq_len", "calibration_batch_size", "min_heads", "min_kv_heads",
-           "min_intermediate_size", "seed")  # fmt: skip
+TUNABLE = ("amplitude", "layer_importance", "group_importance", "attention_unit", "allocation", "inner_steps",
+           "rescore_every", "round_to", "calibration_samples", "calibration_seq_len", "calibration_batch_size",
+           "min_heads", "min_kv_heads", "min_intermediate_size", "seed")  # fmt: skip
 
 
 def _add_prune_parser(subparsers) -> None:
