@@ -93,7 +93,7 @@ def one_shot_cost_section(result: dict, docs: Path) -> list[str]:
              f"Keep {result['target_ratio']}, score allocation unless named; perplexity mean over seeds "
              f"{result['seeds']} (each in brackets) on {result['eval_tokens']:,} held-out tokens of each source "
              f"(original: {originals(result)}). A scoring pass is one "
-             "forward/backward over the calibration sequences; prune seconds are wall-clock on this shared CPU.", "",
+             "forward/backward over the calibration sequences. " + result.get("note", ""), "",
              "| setting | scoring passes | calibration tokens | prune s | " + " | ".join(f"ppl {n}" for n in names)
              + " |", "|---|---:|---:|---:|" + "---:|" * len(names)]  # fmt: skip
     for setting in dict.fromkeys(r["setting"] for r in rows):
@@ -129,8 +129,16 @@ def taylor_scale_section(result: dict, docs: Path) -> list[str]:
              "| layer | unit | parameters | Taylor score | loss change |", "|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
         lines.append(f"| {r['layer']} | {r['unit']} | {r['params']:,} | {r['taylor']:.3f} | {r['loss_change']:+.4f} |")
-    lines += ["", "| layer | score removes first | measured loss change removes first |", "|---:|---|---|"]
-    for c in result["first_removal"]:
+    choices = result["first_removal"]
+    agree = sum(c["score_removes_first"] == c["loss_change_removes_first"] for c in choices)
+    lines += ["", "Which kind goes first — the cheapest kv group or the least important channels of the same size — "
+              f"by "
+              f"score and by measured loss change: the two agree in {agree} of {len(choices)} layers. Where they "
+              "disagree in favour of attention the cost is large (the first layer), where they disagree in favour "
+              "of channels it is small; hence the score allocation never cuts attention deeper than the layer's "
+              "sparsity.", "", "| layer | score removes first | measured loss change removes first |",
+              "|---:|---|---|"]  # fmt: skip
+    for c in choices:
         lines.append(f"| {c['layer']} | {c['score_removes_first']} | {c['loss_change_removes_first']} |")
     return [*lines, ""]
 
