@@ -60,7 +60,7 @@ def one_shot_section(result: dict, docs: Path) -> list[str]:
              f"default inner steps and calibration budget ({result['defaults']['inner_steps']} inner steps x "
              f"{result['defaults']['calibration_samples']} sequences, rescored every "
              f"{result['defaults']['rescore_every']}). `kv heads`: kv heads left over all layers "
-             f"(originally {original['kv_heads']}).",
+             f"(originally {original['kv_heads']}). {result.get('note', '')}",
              "", "| keep | mode | " + " | ".join(f"ppl {n}" for n in names) + " | kv heads | prune s |",
              "|---:|---|" + "---:|" * (len(names) + 2)]  # fmt: skip
     for ratio in ratios:
@@ -111,7 +111,7 @@ def main_job_allocation_section(result: dict, docs: Path) -> list[str]:
              f"Keep {result['target_ratio']}, {result['num_stages']} prune events in {result['steps']} steps of "
              f"{result['batch']}, importance from the training gradients; the same data order for both allocations "
              f"at each seed. Perplexity on {result['eval_tokens']:,} held-out tokens of each source (original: "
-             f"{originals(result)}).", "",
+             f"{originals(result)}). {result.get('note', '')}", "",
              "| allocation | parameters | kv heads | " + " | ".join(f"ppl {n}" for n in names) + " |",
              "|---|---:|---:|" + "---:|" * len(names)]  # fmt: skip
     for allocation in dict.fromkeys(r["allocation"] for r in rows):
