@@ -116,14 +116,47 @@ def _fill_slack(plans: Sequence[LayerPlan], step: StepResult, target_params: int
         i, growth = best
         widths[i] = growth.widths
         slack -= growth.cost
-    if config.prune_mlp and slack > config.target_tolerance * target_params:
+    tolerance = config.target_tolerance * target_params
+    if config.prune_mlp and slack > tolerance:  # single channels back, layers with the most removed in this step first
         removed = [plan.current.intermediate_size - w.intermediate_size for plan, w in zip(plans, widths)]
-        i = max(range(len(plans)), key=removed.__getitem__)
-        add = min(removed[i], slack // plans[i].geometry.channel_cost)
-        heads, kv, channels = widths[i].as_tuple()
-        widths[i] = LayerWidths(heads, kv, channels + add)
-        slack -= add * plans[i].geometry.channel_cost
+        for i in sorted(range(len(plans)), key=lambda j: -removed[j]):
+            add = min(removed[i], slack // plans[i].geometry.channel_cost)
+            heads, kv, channels = widths[i].as_tuple()
+            widths[i] = LayerWidths(heads, kv, channels + add)
+            slack -= add * plans[i].geometry.channel_cost
+    if config.prune_mlp and slack > tolerance:
+        slack = _swap_attention_for_channels(plans, widths, slack, config)
     return StepResult(step.sparsity, widths, target_params - slack)
+
+
+def _swap_attention_for_channels(
+    plans: Sequence[LayerPlan], widths: list[LayerWidths], slack: int, config: PrunerConfig
+) -> int:
+    """Still short of the target by more than the tolerance: take back an attention unit removed in this step and give
+    up as many channels as that overshoots the target by, its own layer's first. Returns the new slack."""
+    for i, plan in enumerate(plans):
+        heads, kv, channels = widths[i].as_tuple()
+        if kv < plan.current.num_key_value_heads:  # a kv group with its query heads
+            wider = LayerWidths(heads + heads // kv, kv + 1, channels)
+        elif heads < plan.current.num_attention_heads:  # one query head in every kv group
+            wider = LayerWidths(heads + kv, kv, channels)
+        else:
+            continue
+        over = plan.geometry.attention_params(wider) - plan.geometry.attention_params(widths[i]) - slack
+        trial = [*widths[:i], wider, *widths[i + 1 :]]
+        if over <= 0:  # it fits after all (the plan offered no attention back)
+            widths[:] = trial
+            return -over
+        for j in [i, *(j for j in range(len(plans)) if j != i)]:
+            cost = plans[j].geometry.channel_cost
+            h, k, c = trial[j].as_tuple()
+            drop = min(-(-over // cost), c - min(config.min_intermediate_size, c))  # rounded up: stay at or below
+            trial[j] = LayerWidths(h, k, c - drop)
+            over -= drop * cost
+            if over <= 0:
+                widths[:] = trial
+                return -over
+    return slack
 
 
 def select_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
