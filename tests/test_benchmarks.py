@@ -16,8 +16,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.mark.parametrize(
     ("script", "key"),
-    [("one_shot_quality", "mean_perplexity"), ("one_shot_cost", "rows"), ("taylor_scale", "first_removal"),
-     ("main_job_allocation", "rows"), ("inference_speed", "rows"), ("callback_overhead", "runs"),
+    [("one_shot_quality", "mean_perplexity"), pytest.param("one_shot_cost", "rows", marks=pytest.mark.slow),
+     pytest.param("taylor_scale", "first_removal", marks=pytest.mark.slow),
+     pytest.param("main_job_allocation", "rows", marks=pytest.mark.slow), ("inference_speed", "rows"),
+     ("callback_overhead", "runs"),
      ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs"),
      ("gguf_serving", "rows"), ("distillation", "summary")],
 )  # fmt: skip
