@@ -279,6 +279,53 @@ def distillation_section(result: dict, docs: Path) -> list[str]:
     return lines
 
 
+def stages_budget_section(result: dict, docs: Path) -> list[str]:
+    original, summary = result["rows"][0], result["summary"]["by_budget_and_stages"]
+    method = "LM loss only" if result["method"] == "lm" else f"distillation, alpha {result['method']}"
+    lines = [
+        "## Prune events x training budget",
+        "",
+        header(result),
+        f"Keep {result['target_ratio']}, {method}; budgets of {result['budgets']} optimizer steps of "
+        f"{result['batch']}, {result['stages']} prune events (linear data split), seeds {result['seeds']}. "
+        f"Perplexity on {result['eval_tokens']:,} held-out tokens of python3.11-doc and of git-doc (original: "
+        f"{original['ppl_in_domain']:.2f}, {original['ppl_other_source']:.2f}); cloze accuracy on "
+        f"{result['cloze']['questions']} {result['cloze']['choices']}-way git-doc questions (original "
+        f"{original['cloze']['acc']:.3f}). Mean over seeds, range in brackets. {result['note']}",
+        "",
+        "| steps | events | ppl python-doc | ppl git-doc | cloze acc | train s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for budget, by_stages in summary.items():
+        for stages, m in by_stages.items():
+            cells = [f"{m[k]:.2f} ({m[k + '_range'][0]:.2f}–{m[k + '_range'][1]:.2f})"
+                     for k in ("ppl_in_domain", "ppl_other_source")]  # fmt: skip
+            lines.append(f"| {budget} | {stages} | {' | '.join(cells)} | {m['cloze']:.3f} | "
+                         f"{m['train_seconds']:.0f} |")  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in zip(axes, ("ppl_in_domain", "ppl_other_source"), ("python3.11-doc", "git-doc")):
+        for budget, by_stages in summary.items():
+            stages = [int(n) for n in by_stages]
+            ax.errorbar(
+                stages,
+                [by_stages[str(n)][key] for n in stages],
+                marker="o",
+                capsize=3,
+                label=f"{budget} steps",
+                yerr=[
+                    [by_stages[str(n)][key] - by_stages[str(n)][key + "_range"][0] for n in stages],
+                    [by_stages[str(n)][key + "_range"][1] - by_stages[str(n)][key] for n in stages],
+                ],
+            )
+        ax.set(xlabel="prune events", ylabel="held-out perplexity", title=title, xticks=result["stages"])
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Adapt-Accel to keep {result['target_ratio']}, SmolLM2-135M (bars: range over seeds)")
+    fig.tight_layout()
+    fig.savefig(docs / "stages_budget.png", dpi=120)
+    plt.close(fig)
+    return [*lines, "", "![prune events x budget](stages_budget.png)", ""]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -293,7 +340,8 @@ def main() -> None:
                           ("incremental_vs_one_shot", incremental_section), ("inference_speed", speed_section),
                           ("callback_overhead", overhead_section), ("memory", memory_section),
                           ("distributed", distributed_section), ("gguf_serving", serving_section),
-                          ("distillation", distillation_section)):  # fmt: skip
+                          ("distillation", distillation_section),
+                          ("stages_budget", stages_budget_section)):  # fmt: skip
         result = load(args.results, name)
         lines += section(result, args.docs) if result else [f"## {name}", "", "_Not measured yet._", ""]
     (args.docs / "benchmarks.md").write_text("\n".join(lines))

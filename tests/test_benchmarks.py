@@ -21,7 +21,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
      pytest.param("main_job_allocation", "rows", marks=pytest.mark.slow), ("inference_speed", "rows"),
      ("callback_overhead", "runs"),
      ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs"),
-     ("gguf_serving", "rows"), ("distillation", "summary")],
+     ("gguf_serving", "rows"), ("distillation", "summary"),
+     pytest.param("stages_budget", "summary", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_benchmark_smoke(script, key, tmp_path):
     if script == "gguf_serving" and importlib.util.find_spec("llama_cpp") is None:
