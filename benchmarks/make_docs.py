@@ -48,6 +48,18 @@ def originals(result: dict) -> str:
     return ", ".join(f"{result['rows'][0]['ppl ' + name]:.2f}" for name in sources(result))
 
 
+def grouped(rows: list[dict], key: str, names: list[str], columns: list[str], fixed) -> list[str]:
+    """A table with a line per value of `key` (in order of appearance): the value, the `columns` cells made by
+    `fixed(group)`, then the perplexity of each source over the group's seeds."""
+    lines = ["| " + " | ".join([key, *columns, *(f"ppl {n}" for n in names)]) + " |",
+             "|---|" + "---:|" * (len(columns) + len(names))]  # fmt: skip
+    for value in dict.fromkeys(r[key] for r in rows):
+        group = [r for r in rows if r[key] == value]
+        cells = [str(value), *fixed(group), *(seeds(group, f"ppl {n}") for n in names)]
+        lines.append(f"| {' | '.join(cells)} |")
+    return [*lines, ""]
+
+
 def one_shot_section(result: dict, docs: Path) -> list[str]:
     original, rows = result["rows"][0], result["rows"][1:]
     modes = list(dict.fromkeys(r["mode"] for r in rows))
@@ -93,15 +105,11 @@ def one_shot_cost_section(result: dict, docs: Path) -> list[str]:
              f"Keep {result['target_ratio']}, score allocation unless named; perplexity mean over seeds "
              f"{result['seeds']} (each in brackets) on {result['eval_tokens']:,} held-out tokens of each source "
              f"(original: {originals(result)}). A scoring pass is one "
-             "forward/backward over the calibration sequences. " + result.get("note", ""), "",
-             "| setting | scoring passes | calibration tokens | prune s | " + " | ".join(f"ppl {n}" for n in names)
-             + " |", "|---|---:|---:|---:|" + "---:|" * len(names)]  # fmt: skip
-    for setting in dict.fromkeys(r["setting"] for r in rows):
-        group = [r for r in rows if r["setting"] == setting]
-        lines.append(f"| {setting} | {group[0]['scoring_passes']} | {group[0]['calibration_tokens']:,} | "
-                     f"{statistics.mean(r['prune_seconds'] for r in group):.0f} | "
-                     + " | ".join(seeds(group, f"ppl {n}") for n in names) + " |")  # fmt: skip
-    return [*lines, ""]
+             "forward/backward over the calibration sequences. " + result.get("note", ""), ""]  # fmt: skip
+    columns = ["scoring passes", "calibration tokens", "prune s"]
+    return lines + grouped(rows, "setting", names, columns, lambda group: [
+        f"{group[0]['scoring_passes']}", f"{group[0]['calibration_tokens']:,}",
+        f"{statistics.mean(r['prune_seconds'] for r in group):.0f}"])  # fmt: skip
 
 
 def main_job_allocation_section(result: dict, docs: Path) -> list[str]:
@@ -111,14 +119,14 @@ def main_job_allocation_section(result: dict, docs: Path) -> list[str]:
              f"Keep {result['target_ratio']}, {result['num_stages']} prune events in {result['steps']} steps of "
              f"{result['batch']}, importance from the training gradients; the same data order for both allocations "
              f"at each seed. Perplexity on {result['eval_tokens']:,} held-out tokens of each source (original: "
-             f"{originals(result)}). {result.get('note', '')}", "",
-             "| allocation | parameters | kv heads | " + " | ".join(f"ppl {n}" for n in names) + " |",
-             "|---|---:|---:|" + "---:|" * len(names)]  # fmt: skip
-    for allocation in dict.fromkeys(r["allocation"] for r in rows):
-        group = [r for r in rows if r["allocation"] == allocation]
-        lines.append(f"| {allocation} | {group[0]['params']:,} | {group[0]['kv_heads']} | "
-                     + " | ".join(seeds(group, f"ppl {n}") for n in names) + " |")  # fmt: skip
-    return [*lines, ""]
+             f"{originals(result)}). {result.get('note', '')}", ""]  # fmt: skip
+    return lines + grouped(
+        rows,
+        "allocation",
+        names,
+        ["parameters", "kv heads"],
+        lambda group: [f"{group[0]['params']:,}", f"{group[0]['kv_heads']}"],
+    )
 
 
 def taylor_scale_section(result: dict, docs: Path) -> list[str]:
