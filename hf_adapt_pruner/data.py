@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -12,7 +12,8 @@ import torch
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
-CalibrationData = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[dict[str, torch.Tensor]]]
+# Token blocks, sequences, batch dicts, DataLoaders, Datasets, texts: the forms are in calibration.py.
+CalibrationData = Union[torch.Tensor, Mapping[str, Any], Iterable[Any]]
 
 
 def text_files(path: str | os.PathLike) -> list[Path]:
@@ -142,7 +143,9 @@ class CalibrationPool:
     """Calibration sequences, resampled at every inner step (as the paper's code does).
 
     Accepts a LongTensor of shape (N, T), a list of token-id lists of equal length, or a list of ready batches
-    (dicts with `input_ids` and optionally `attention_mask`), which are used as they are, without resampling.
+    (dicts with `input_ids` and optionally `attention_mask`), which are used as they are: when they hold more than
+    `num_samples` sequences, whole batches are drawn at random until `num_samples` are covered. Other forms (text,
+    ragged sequences, Datasets, DataLoaders) go through `hf_adapt_pruner.calibration.calibration_blocks` first.
     """
 
     def __init__(
@@ -170,7 +173,8 @@ class CalibrationPool:
             except (ValueError, TypeError) as error:
                 raise ValueError(
                     "calibration_data as a list must hold token-id lists of equal length (or batch dicts); "
-                    f"building a tensor failed: {error}"
+                    f"building a tensor failed: {error}. hf_adapt_pruner.calibration_blocks(data, tokenizer) packs "
+                    "sequences of different lengths (prune_model and the callback call it for you)."
                 ) from None
         else:
             raise ValueError(
@@ -186,7 +190,7 @@ class CalibrationPool:
     def sample(self) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of one inner step."""
         if self.batches is not None:
-            yield from self.batches
+            yield from self._sample_batches()
             return
         n = self.blocks.shape[0]
         if n > self.num_samples:
@@ -196,8 +200,14 @@ class CalibrationPool:
         for start in range(0, len(chosen), self.batch_size):
             yield {"input_ids": self.blocks[chosen[start : start + self.batch_size]]}
 
-    def num_batches(self) -> int:
-        if self.batches is not None:
-            return len(self.batches)
-        n = min(self.blocks.shape[0], self.num_samples)
-        return -(-n // self.batch_size)
+    def _sample_batches(self) -> list[dict[str, torch.Tensor]]:
+        sizes = [len(batch["input_ids"]) for batch in self.batches]
+        if sum(sizes) <= self.num_samples:
+            return self.batches
+        chosen, covered = [], 0
+        for i in torch.randperm(len(self.batches), generator=self.generator, device="cpu").tolist():
+            chosen.append(self.batches[i])
+            covered += sizes[i]
+            if covered >= self.num_samples:
+                break
+        return chosen
