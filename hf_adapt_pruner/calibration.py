@@ -112,6 +112,12 @@ def prepared_calibration(data: Any, config: Any, tokenizer: Any = None) -> tuple
         return data, True
 
 
+def dataset_blocks(rows: Iterable[Mapping], tokenizer: Any, seq_len: int, max_blocks: int | None, text_column: str):
+    """Blocks (N, T) from dataset rows with `input_ids` or a text column, reading only the rows needed (the rest of an
+    iterator stays unread, e.g. for evaluation)."""
+    return Reader(tokenizer, seq_len, max_blocks, text_column).rows(iter(rows))
+
+
 def pack_sequences(rows: Iterable[torch.Tensor], seq_len: int, eos: int | None, max_blocks: int | None = None):
     """Concatenate 1-D token sequences (EOS between them unless one already ends with it), cut into (N, seq_len)."""
     pieces: list[torch.Tensor] = []

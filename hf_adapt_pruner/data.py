@@ -1,4 +1,4 @@
-"""Calibration and evaluation text: read files, cut token blocks, sample batches."""
+"""Calibration and evaluation text: read files and datasets, cut token blocks, sample batches."""
 
 from __future__ import annotations
 
@@ -71,6 +71,53 @@ def token_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int, max_blocks:
             "shorter blocks (seq_len; on the command line --calibration-seq-len / --seq-len)."
         )
     return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+                      ".text": "text", ".arrow": "arrow"}  # fmt: skip
+SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes (Dataset, DatasetDict)
+
+
+def open_dataset(name_or_path: str, config_name: str | None = None, split: str = "train", streaming: bool = True):
+    """The rows of one split, read lazily: a `save_to_disk` folder (`load_from_disk`, memory-mapped), a data file
+    (by suffix: json/jsonl, parquet, csv, txt: one row per line, arrow), a folder of data files, or a dataset on the
+    Hub (`load_dataset`; streamed unless `streaming=False`, so only the rows read are fetched)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "Reading a dataset needs the datasets package: pip install 'hf_adapt_pruner[train]' (or datasets)."
+        ) from None
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{name_or_path!r} holds the splits {list(loaded)}, not {split!r}: name one of them "
+                                 "(--split / --eval-split).")  # fmt: skip
+            loaded = loaded[split]
+        return loaded
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"{name_or_path!r} is not a data file datasets reads: use one of {', '.join(DATA_FILE_BUILDERS)}, or "
+                "a folder (save_to_disk, or data files)."
+            )
+        if split != "train":
+            raise ValueError(
+                f"{name_or_path!r} is a single data file, so its only split is 'train', not {split!r}: put the splits "
+                "in a folder as files named after them (train.jsonl, validation.jsonl), or leave --eval-split out."
+            )
+        return datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming)
+    if not path.is_dir() and _looks_local(name_or_path):
+        raise FileNotFoundError(f"{name_or_path!r}: no such file or folder (a Hub dataset is named 'name' or "
+                                "'owner/name').")  # fmt: skip
+    return datasets.load_dataset(name_or_path, name=config_name, split=split, streaming=streaming)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in DATA_FILE_BUILDERS
 
 
 def check_token_ids(
