@@ -122,6 +122,8 @@ def pack_sequences(rows: Iterable[torch.Tensor], seq_len: int, eos: int | None, 
     """Concatenate 1-D token sequences (EOS between them unless one already ends with it), cut into (N, seq_len)."""
     pieces: list[torch.Tensor] = []
     for row in rows:
+        if not row.numel():
+            continue
         pieces.append(row)
         if eos is not None and int(row[-1]) != eos:
             pieces.append(torch.tensor([eos]))
@@ -244,7 +246,7 @@ class Reader:
         first = next(rows, _END)
         if first is _END:
             raise ValueError(f"The calibration dataset has no rows. {FORMS}")
-        rows = itertools.chain([first], rows)
+        rows = (_checked_row(k, row) for k, row in enumerate(itertools.chain([first], rows)))
         if "input_ids" in first:
             return self.sequences(self._row(k, row.get("input_ids"), row.get("attention_mask"))
                                   for k, row in enumerate(rows))  # fmt: skip
@@ -262,7 +264,7 @@ class Reader:
             raise ValueError(f"calibration row {k} 'input_ids' has shape {tuple(row.shape)}; a row is one sequence "
                              f"(1-D). {FORMS}")  # fmt: skip
         if mask is not None:
-            mask = _int_tensor(mask, f"calibration row {k} 'attention_mask'")
+            mask = _batch_tensor(mask, f"calibration row {k} 'attention_mask'", mask=True)
             if mask.shape != row.shape:
                 raise ValueError(f"calibration row {k}: 'attention_mask' has shape {tuple(mask.shape)} but "
                                  f"'input_ids' has {tuple(row.shape)}: give one mask entry per token.")  # fmt: skip
@@ -299,6 +301,13 @@ class Reader:
         return batches
 
 
+def _checked_row(k: int, row: Any) -> Mapping:
+    if not isinstance(row, Mapping):
+        raise ValueError(f"calibration row {k} is a {type(row).__name__}, but row 0 is a dict: make every row a dict "
+                         f"with 'input_ids' or the text column. {FORMS}")  # fmt: skip
+    return row
+
+
 def _checked_text(k: int, text: Any) -> str:
     if not isinstance(text, str):
         raise ValueError(f"calibration_data[{k}] is a {type(text).__name__}, but the entries before it are text: "
@@ -307,8 +316,9 @@ def _checked_text(k: int, text: Any) -> str:
 
 
 def _batch_tensor(value: Any, where: str, mask: bool = False) -> torch.Tensor:
-    """A collated field as a (B, T) tensor. default_collate turns a field of equal-length lists into a list of T
-    tensors of shape (B,) (one per position), which is stacked back along dim 1; lists of lists are rows."""
+    """A collated field as a (B, T) tensor (a row's mask: (T,)). default_collate turns a field of equal-length lists
+    into a list of T tensors of shape (B,) (one per position), which is stacked back along dim 1; lists of lists are
+    rows."""
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) and v.dim() == 1 for v in value):
         value = torch.stack(list(value), dim=1)
     if not isinstance(value, torch.Tensor):
