@@ -60,7 +60,7 @@ def _add_calibration_arguments(p) -> None:
                         ".txt), a folder of data files, or a Hub name (through datasets.load_dataset).")  # fmt: skip
     p.add_argument("--eval-fraction", type=float, default=0.1,
                    help="Share of the text FILES held out for perplexity (never used for calibration).")  # fmt: skip
-    p.add_argument("--dataset-config", help="Configuration of --dataset (load_dataset's name=, e.g. wikitext-2-v1).")
+    p.add_argument("--dataset-config", help="Configuration of --dataset (load_dataset name=, e.g. wikitext-2-raw-v1).")
     p.add_argument("--split", default="train", help="Split of --dataset to calibrate on.")
     p.add_argument("--eval-split", help="Split of --dataset for held-out perplexity. Default: the first rows of "
                    "--split (as many as --eval-blocks need), calibration reading the rows after them.")  # fmt: skip
