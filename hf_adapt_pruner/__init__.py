@@ -1,6 +1,7 @@
 """hf_adapt_pruner: Adapt-Pruner (arXiv 2502.03460) for Hugging Face transformers."""
 
 from .architectures import ArchitectureSpec, get_architecture, register_architecture, supported_model_types
+from .calibration import calibration_blocks
 from .callback import AdaptPrunerCallback
 from .config import PrunerConfig
 from .data import CalibrationPool, token_blocks
@@ -31,6 +32,7 @@ __all__ = [
     "PrunerConfig",
     "StaticScorer",
     "__version__",
+    "calibration_blocks",
     "check_weights_match_layout",
     "count_parameters",
     "current_layout",

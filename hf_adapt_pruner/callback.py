@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
+from .calibration import calibration_pool, prepared_calibration
 from .checks import check_optimizer, torch_optimizer, vocabulary_size
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
@@ -44,7 +45,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
     passes: Taylor scores |w * grad| accumulate from the gradients the Trainer already computed (read in
     `on_pre_optimizer_step`, after clipping, before the step) over the `importance_window` steps before each event,
     and layer similarity comes from forward hooks that exist only in that window. With
-    `importance_source="calibration"` each event runs the paper's forward/backward passes over `calibration_data`.
+    `importance_source="calibration"` each event runs the paper's forward/backward passes over `calibration_data`
+    (any form `prune_model` takes; text is tokenized with `tokenizer`, else with the Trainer's `processing_class`).
 
     Each event slices weights in place (same `nn.Parameter` objects) and the optimizer's state with them, so the LR
     schedule, gradient accumulation and the optimizer carry on. Event statistics go to the Trainer's log history;
@@ -66,6 +68,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         calibration_data: CalibrationData | None = None,
         distillation: DistillationConfig | dict | None = None,
         teacher: torch.nn.Module | None = None,
+        tokenizer: Any = None,
     ):
         if not isinstance(config, (PrunerConfig, dict)):
             raise TypeError(
@@ -73,8 +76,11 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
                 "AdaptPrunerCallback(PrunerConfig(target_ratio=0.7, num_stages=5))."
             )
         self.config = config if isinstance(config, PrunerConfig) else PrunerConfig.from_dict(config)
-        if calibration_data is not None:
-            CalibrationPool(calibration_data, 1, 1, 0)  # shape and type checked now; token ids at on_train_begin
+        self._calibration_waits = False  # text waiting for the Trainer's tokenizer (processing_class)
+        if calibration_data is not None:  # read once (DataLoaders, generators); token ids checked at on_train_begin
+            calibration_data, self._calibration_waits = prepared_calibration(calibration_data, self.config, tokenizer)
+            if not self._calibration_waits:
+                CalibrationPool(calibration_data, 1, 1, 0)
             if self.config.importance_source != "calibration":
                 logger.warning(
                     "calibration_data is ignored with importance_source='training' (scores come from the Trainer's "
@@ -122,6 +128,16 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._guard_checkpoint_loading(model)
 
+    def _tokenize_calibration(self, processing_class) -> None:
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a multimodal processor holds one
+        if tokenizer is None:
+            raise ValueError(
+                "calibration_data holds text, and no tokenizer reached the callback: pass AdaptPrunerCallback(config, "
+                "calibration_data=texts, tokenizer=tokenizer), or Trainer(..., processing_class=tokenizer)."
+            )
+        self.calibration_data, self._calibration_waits = prepared_calibration(self.calibration_data, self.config,
+                                                                              tokenizer)  # fmt: skip
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         mode = self._resolve_mode(args.world_size, model)
         check_optimizer(optimizer)
@@ -135,6 +151,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
                 "importance_source='calibration' needs calibration data: AdaptPrunerCallback(config, "
                 "calibration_data=token_blocks(...)), or use importance_source='training'."
             )
+        if self._calibration_waits:
+            self._tokenize_calibration(kwargs.get("processing_class"))
         if self.calibration_data is not None:  # token ids the model's embedding cannot look up
             CalibrationPool(self.calibration_data, 1, 1, 0, vocab_size=vocabulary_size(model))
         self._guard_checkpoint_loading(model)
@@ -309,8 +327,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
     def _scorer(self):
         config, pruner = self.config, self._pruner
         if config.importance_source == "calibration":
-            pool = CalibrationPool(self.calibration_data, config.calibration_samples, config.calibration_batch_size,
-                                   config.seed + self.events_done)  # fmt: skip
+            pool = calibration_pool(self.calibration_data, config, seed=config.seed + self.events_done)
             return CalibrationScorer(pruner.model, pool, config.layer_importance, config.group_importance, config.seed,
                                      progress=self._progress, rescore_every=config.rescore_every)  # fmt: skip
         importance = self._collector.importance()

@@ -1,6 +1,7 @@
 """`hf-adapt-pruner`: command-line one-shot pruning and evaluation.
 
 hf-adapt-pruner prune MODEL_DIR --target-ratio 0.7 --calibration TEXT_DIR --output OUT_DIR [--gguf-file F]
+hf-adapt-pruner prune MODEL_DIR --target-ratio 0.7 --dataset NAME_OR_PATH [--split train] [--text-column text] ...
 hf-adapt-pruner eval MODEL_DIR --text TEXT_DIR [--blocks 32] [--seq-len 128] [--gguf-file F]
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging as logging_module
 import os
@@ -17,9 +19,10 @@ import torch
 from transformers.utils import logging
 
 from .architectures import architecture_table
+from .calibration import POOL_FACTOR, dataset_blocks
 from .checks import vocabulary_size
 from .config import PrunerConfig
-from .data import check_token_ids, read_texts, split_files, text_files, token_blocks
+from .data import check_token_ids, open_dataset, read_texts, split_files, text_files, token_blocks
 from .evaluation import generate_sample, generation_speed, perplexity
 from .gguf_export import GGUF_DTYPES, export_gguf
 from .pruner import checked_pruner, count_parameters, prune_model
@@ -38,9 +41,7 @@ def _add_prune_parser(subparsers) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-ratio", type=float, help="Fraction of parameters to keep, e.g. 0.7.")
     target.add_argument("--target-params", type=int, help="Parameter count to keep.")
-    p.add_argument("--calibration", required=True, help="A text file or a folder of .txt/.md/.rst files.")
-    p.add_argument("--eval-fraction", type=float, default=0.1,
-                   help="Share of the text FILES held out for perplexity (never used for calibration).")  # fmt: skip
+    _add_calibration_arguments(p)
     p.add_argument("--eval-blocks", type=int, default=32, help="Held-out blocks scored for perplexity (0: skip).")
     p.add_argument("--output", required=True, help="Folder to write the pruned model to.")
     p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
@@ -49,6 +50,25 @@ def _add_prune_parser(subparsers) -> None:
     for name in TUNABLE:
         f = fields[name]
         p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.metadata["help"])
+
+
+def _add_calibration_arguments(p) -> None:
+    """Where calibration (and held-out evaluation) text comes from: text files, or a dataset."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--calibration", help="A text file or a folder of .txt/.md/.rst files.")
+    source.add_argument("--dataset", help="A dataset: a save_to_disk folder, a data file (.jsonl/.json/.parquet/.csv/"
+                        ".txt), a folder of data files, or a Hub name (through datasets.load_dataset).")  # fmt: skip
+    p.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="Share of the text FILES held out for perplexity (never used for calibration).")  # fmt: skip
+    p.add_argument("--dataset-config", help="Configuration of --dataset (load_dataset name=, e.g. wikitext-2-raw-v1).")
+    p.add_argument("--split", default="train", help="Split of --dataset to calibrate on.")
+    p.add_argument("--eval-split", help="Split of --dataset for held-out perplexity. Default: the first rows of "
+                   "--split (as many as --eval-blocks need), calibration reading the rows after them.")  # fmt: skip
+    p.add_argument("--text-column", default="text",
+                   help="Column of --dataset with the text (a column input_ids is used instead, if any).")  # fmt: skip
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
+                   help="Read --dataset lazily, only the rows needed (--no-streaming prepares the whole split first; "
+                        "save_to_disk folders are memory-mapped either way).")  # fmt: skip
 
 
 def _add_eval_parser(subparsers) -> None:
@@ -81,6 +101,10 @@ def _export(args: argparse.Namespace) -> dict:
 def _tokens(model, tokenizer, args: argparse.Namespace, texts: list[str], seq_len: int, blocks: int, what: str):
     """Token blocks of `texts`, refused (naming the tokenizer) when the model cannot look their ids up."""
     ids = token_blocks(tokenizer, texts, seq_len, blocks)
+    return _checked(model, tokenizer, args, ids, what)
+
+
+def _checked(model, tokenizer, args: argparse.Namespace, ids, what: str):
     source = f"the tokenizer in {args.model!r}, {type(tokenizer).__name__} with {len(tokenizer)} tokens"
     check_token_ids(ids, vocabulary_size(model), what=what, source=source)
     return ids
@@ -102,22 +126,68 @@ def _eval(args: argparse.Namespace) -> dict:
     return result
 
 
-def _prune(args: argparse.Namespace) -> dict:
-    config = PrunerConfig(target_ratio=args.target_ratio, target_params=args.target_params,
-                          **{name: getattr(args, name) for name in TUNABLE})  # fmt: skip
-    if os.path.exists(args.output) and not args.overwrite:  # fail before the expensive part
-        raise FileExistsError(f"{args.output!r} already exists: pass --overwrite to replace it.")
-    calibration_files, eval_files = split_files(text_files(args.calibration), args.eval_fraction, seed=config.seed)
-    model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
-    checked_pruner(model, config)  # an unreachable target is refused before any text is read or scored
-    max_blocks = 8 * config.calibration_samples  # a pool to resample from at every inner step
-    seq_len = config.calibration_seq_len
+def _calibration_source(args: argparse.Namespace, config: PrunerConfig):
+    """Finds the text files or opens the dataset now, so a missing one fails before the model loads; returns
+    `read(model, tokenizer) -> (calibration blocks, held-out evaluation blocks or None)`."""
+    if args.dataset is None:
+        files = split_files(text_files(args.calibration), args.eval_fraction, seed=config.seed)
+        return lambda model, tokenizer: _text_blocks(model, tokenizer, args, config, *files)
+    if args.eval_split == args.split:
+        raise ValueError(
+            f"--eval-split {args.eval_split!r} is the calibration split too: name another one, or leave --eval-split "
+            "out to hold out the first rows of --split."
+        )
+    rows = iter(open_dataset(args.dataset, args.dataset_config, args.split, args.streaming))
+    eval_rows = rows
+    if args.eval_split is not None:
+        eval_rows = iter(open_dataset(args.dataset, args.dataset_config, args.eval_split, args.streaming))
+    return lambda model, tokenizer: _dataset_blocks(model, tokenizer, args, config, rows, eval_rows)
+
+
+def _text_blocks(model, tokenizer, args, config: PrunerConfig, calibration_files: list, eval_files: list):
+    """Whole files are held out for evaluation (--eval-fraction)."""
+    seq_len, max_blocks = config.calibration_seq_len, POOL_FACTOR * config.calibration_samples
     calibration = _tokens(model, tokenizer, args, read_texts(calibration_files), seq_len, max_blocks,
                           "the --calibration text")  # fmt: skip
     evaluation = None
     if args.eval_blocks:
         evaluation = _tokens(model, tokenizer, args, read_texts(eval_files), seq_len, args.eval_blocks,
                              "the held-out evaluation text")  # fmt: skip
+    return calibration, evaluation
+
+
+def _dataset_blocks(model, tokenizer, args, config: PrunerConfig, rows, eval_rows):
+    """Evaluation reads first: from --eval-split, or else the first rows of --split, calibration then reading the rows
+    after them, so the two never share a row (and only the rows needed are read from a stream)."""
+
+    def blocks(rows, n_blocks: int, what: str):
+        ids = dataset_blocks(rows, tokenizer, config.calibration_seq_len, n_blocks, args.text_column)
+        return _checked(model, tokenizer, args, ids, what)
+
+    evaluation = None
+    if args.eval_blocks:
+        evaluation = blocks(eval_rows, args.eval_blocks, f"the held-out rows of --dataset {args.dataset!r}")
+    first = next(rows, None)
+    if first is None:
+        raise ValueError(
+            f"--dataset {args.dataset!r} (split {args.split!r}) has no rows left for calibration after the first "
+            f"ones, held out for --eval-blocks {args.eval_blocks}: evaluate on another split (--eval-split), on fewer "
+            "blocks, or not at all (--eval-blocks 0)."
+        )
+    rows = itertools.chain([first], rows)
+    calibration = blocks(rows, POOL_FACTOR * config.calibration_samples, f"the rows of --dataset {args.dataset!r}")
+    return calibration, evaluation
+
+
+def _prune(args: argparse.Namespace) -> dict:
+    config = PrunerConfig(target_ratio=args.target_ratio, target_params=args.target_params,
+                          **{name: getattr(args, name) for name in TUNABLE})  # fmt: skip
+    if os.path.exists(args.output) and not args.overwrite:  # fail before the expensive part
+        raise FileExistsError(f"{args.output!r} already exists: pass --overwrite to replace it.")
+    read_blocks = _calibration_source(args, config)  # a missing file or dataset fails before the model loads
+    model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
+    checked_pruner(model, config)  # an unreachable target is refused before any text is read or scored
+    calibration, evaluation = read_blocks(model, tokenizer)
     result = {"perplexity_before": perplexity(model, evaluation, progress=True) if evaluation is not None else None}
     report = prune_model(model, config, calibration)
     print(report.table())

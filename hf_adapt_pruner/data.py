@@ -1,9 +1,9 @@
-"""Calibration and evaluation text: read files, cut token blocks, sample batches."""
+"""Calibration and evaluation text: read files and datasets, cut token blocks, sample batches."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -12,7 +12,8 @@ import torch
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
-CalibrationData = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[dict[str, torch.Tensor]]]
+# Token blocks, sequences, batch dicts, DataLoaders, Datasets, texts: the forms are in calibration.py.
+CalibrationData = Union[torch.Tensor, Mapping[str, Any], Iterable[Any]]
 
 
 def text_files(path: str | os.PathLike) -> list[Path]:
@@ -70,6 +71,53 @@ def token_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int, max_blocks:
             "shorter blocks (seq_len; on the command line --calibration-seq-len / --seq-len)."
         )
     return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+                      ".text": "text", ".arrow": "arrow"}  # fmt: skip
+SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes (Dataset, DatasetDict)
+
+
+def open_dataset(name_or_path: str, config_name: str | None = None, split: str = "train", streaming: bool = True):
+    """The rows of one split, read lazily: a `save_to_disk` folder (`load_from_disk`, memory-mapped), a data file
+    (by suffix: json/jsonl, parquet, csv, txt: one row per line, arrow), a folder of data files, or a dataset on the
+    Hub (`load_dataset`; streamed unless `streaming=False`, so only the rows read are fetched)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "Reading a dataset needs the datasets package: pip install 'hf_adapt_pruner[train]' (or datasets)."
+        ) from None
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{name_or_path!r} holds the splits {list(loaded)}, not {split!r}: name one of them "
+                                 "(--split / --eval-split).")  # fmt: skip
+            loaded = loaded[split]
+        return loaded
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"{name_or_path!r} is not a data file datasets reads: use one of {', '.join(DATA_FILE_BUILDERS)}, or "
+                "a folder (save_to_disk, or data files)."
+            )
+        if split != "train":
+            raise ValueError(
+                f"{name_or_path!r} is a single data file, so its only split is 'train', not {split!r}: put the splits "
+                "in a folder as files named after them (train.jsonl, validation.jsonl), or leave --eval-split out."
+            )
+        return datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming)
+    if not path.is_dir() and _looks_local(name_or_path):
+        raise FileNotFoundError(f"{name_or_path!r}: no such file or folder (a Hub dataset is named 'name' or "
+                                "'owner/name').")  # fmt: skip
+    return datasets.load_dataset(name_or_path, name=config_name, split=split, streaming=streaming)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in DATA_FILE_BUILDERS
 
 
 def check_token_ids(
@@ -142,7 +190,9 @@ class CalibrationPool:
     """Calibration sequences, resampled at every inner step (as the paper's code does).
 
     Accepts a LongTensor of shape (N, T), a list of token-id lists of equal length, or a list of ready batches
-    (dicts with `input_ids` and optionally `attention_mask`), which are used as they are, without resampling.
+    (dicts with `input_ids` and optionally `attention_mask`), which are used as they are: when they hold more than
+    `num_samples` sequences, whole batches are drawn at random until `num_samples` are covered. Other forms (text,
+    ragged sequences, Datasets, DataLoaders) go through `hf_adapt_pruner.calibration.calibration_blocks` first.
     """
 
     def __init__(
@@ -170,7 +220,8 @@ class CalibrationPool:
             except (ValueError, TypeError) as error:
                 raise ValueError(
                     "calibration_data as a list must hold token-id lists of equal length (or batch dicts); "
-                    f"building a tensor failed: {error}"
+                    f"building a tensor failed: {error}. hf_adapt_pruner.calibration_blocks(data, tokenizer) packs "
+                    "sequences of different lengths (prune_model and the callback call it for you)."
                 ) from None
         else:
             raise ValueError(
@@ -186,7 +237,7 @@ class CalibrationPool:
     def sample(self) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of one inner step."""
         if self.batches is not None:
-            yield from self.batches
+            yield from self._sample_batches()
             return
         n = self.blocks.shape[0]
         if n > self.num_samples:
@@ -196,8 +247,14 @@ class CalibrationPool:
         for start in range(0, len(chosen), self.batch_size):
             yield {"input_ids": self.blocks[chosen[start : start + self.batch_size]]}
 
-    def num_batches(self) -> int:
-        if self.batches is not None:
-            return len(self.batches)
-        n = min(self.blocks.shape[0], self.num_samples)
-        return -(-n // self.batch_size)
+    def _sample_batches(self) -> list[dict[str, torch.Tensor]]:
+        sizes = [len(batch["input_ids"]) for batch in self.batches]
+        if sum(sizes) <= self.num_samples:
+            return self.batches
+        chosen, covered = [], 0
+        for i in torch.randperm(len(self.batches), generator=self.generator, device="cpu").tolist():
+            chosen.append(self.batches[i])
+            covered += sizes[i]
+            if covered >= self.num_samples:
+                break
+        return chosen

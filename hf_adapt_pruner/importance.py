@@ -66,9 +66,9 @@ class LayerSimilarityCollector:
                 y = _hidden_from_output(output).float()
                 per_token = self._per_token(x, y)  # (B, T)
                 if self.token_mask is not None and self.token_mask.shape == per_token.shape:
-                    mask = self.token_mask.to(per_token.device, per_token.dtype)
-                    self.sums[index] += float((per_token * mask).sum())
-                    self.counts[index] += float(mask.sum())
+                    real = self.token_mask.to(per_token.device) != 0  # selected, not multiplied: 0 * NaN is NaN
+                    self.sums[index] += float(per_token[real].sum())
+                    self.counts[index] += float(real.sum())
                 else:
                     self.sums[index] += float(per_token.sum())
                     self.counts[index] += per_token.numel()

@@ -21,9 +21,10 @@ from .allocation import (
     select_top,
 )
 from .architectures import LayerModules, get_architecture, layer_modules, unwrap_peft
+from .calibration import calibration_pool
 from .checks import check_model, check_optimizer, check_target_below, vocabulary_size
 from .config import PrunerConfig
-from .data import CalibrationData, CalibrationPool
+from .data import CalibrationData
 from .distributed import RankSync, is_distributed
 from .importance import GroupScores
 from .layout import LAYOUT_KEY, MASK_KEY, LayerWidths, PrunedLayout
@@ -374,23 +375,24 @@ def prune_model(
     calibration_data: CalibrationData,
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
+    tokenizer=None,
 ) -> PruneReport:
     """One-shot Adapt-Pruner: prune `model` in place to the config's target, scoring on `calibration_data`.
 
     Args:
         model: a `*ForCausalLM` of a supported `model_type` (dense weights, any device).
         config: the `PrunerConfig`; `target_ratio` is relative to the original model's parameter count.
-        calibration_data: token blocks, a LongTensor (N, T) (see `hf_adapt_pruner.data.token_blocks`), or a list
-            of batch dicts with `input_ids`.
+        calibration_data: token blocks (N, T), token-id sequences of any lengths, batch dicts, a DataLoader, a
+            `datasets.Dataset`, or texts with `tokenizer` (the forms: `hf_adapt_pruner.calibration`).
         optimizer: if given, its state for the pruned parameters is sliced along with them.
         progress: show tqdm progress bars.
+        tokenizer: the model's tokenizer, for text (its EOS also separates packed sequences of token ids).
 
     Returns:
         A `PruneReport` (parameters before/after, per-layer widths, layer importances, wall time).
     """
     pruner, target = checked_pruner(model, config, optimizer)  # before touching data or weights
-    pool = CalibrationPool(calibration_data, config.calibration_samples, config.calibration_batch_size, config.seed,
-                           vocab_size=vocabulary_size(model))  # fmt: skip
+    pool = calibration_pool(calibration_data, config, vocabulary_size(model), tokenizer)
     scorer = CalibrationScorer(model, pool, config.layer_importance, config.group_importance, config.seed, progress,
                                rescore_every=config.rescore_every)  # fmt: skip
     return pruner.prune_to(target, scorer, optimizer=optimizer, progress=progress)

@@ -99,18 +99,23 @@ class CalibrationScorer:
 
     def _run(self, collector: LayerSimilarityCollector, needs_grad: bool) -> None:
         device = next(self.model.parameters()).device
-        n_batches = self.pool.num_batches()
-        bar = tqdm(total=n_batches, desc="calibration", leave=False, disable=not self.progress)
+        batches = list(self.pool.sample())
+        # Each batch's mean loss is weighted by its predicted tokens, so the gradient is that of the mean over every
+        # real token of the sample, however padding and batching split it (equal batches: weight exactly 1).
+        predicted = [_predicted_tokens(batch) for batch in batches]
+        total = sum(predicted)
+        bar = tqdm(total=len(batches), desc="calibration", leave=False, disable=not self.progress)
         with collector, torch.set_grad_enabled(needs_grad):
-            for batch in self.pool.sample():
+            for batch, n_predicted in zip(batches, predicted):
                 input_ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 mask = mask.to(device) if mask is not None else None
-                labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
+                labels = input_ids if mask is None else input_ids.masked_fill(~_scored(mask), -100)
                 collector.token_mask = mask
                 out = self.model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False)
-                if needs_grad:
-                    (out.loss.float() / n_batches).backward()
+                if needs_grad and n_predicted:  # a batch of padding only has no loss (NaN), only similarities
+                    weight = n_predicted * len(batches) / total
+                    (out.loss.float() * weight / len(batches)).backward()
                 bar.update(1)
         bar.close()
 
@@ -118,3 +123,19 @@ class CalibrationScorer:
         """The last measurement follows the slicing (a re-measurement replaces it anyway)."""
         if self._last is not None:
             self._last.update(layer, keep_q, keep_kv, keep_channels)
+
+
+def _scored(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: tokens that are a loss target, i.e. real tokens predicted from a real token. With left padding the
+    first real token would otherwise be predicted from padding, a target the unpadded sequence never has."""
+    scored = mask != 0
+    scored[:, 1:] &= scored[:, :-1].clone()
+    return scored
+
+
+def _predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Next-token targets the LM loss averages over (position 0 is never one)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch["input_ids"][:, 1:].numel()
+    return int(_scored(mask)[:, 1:].sum())
