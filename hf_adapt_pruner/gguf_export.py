@@ -76,7 +76,7 @@ def _tensor_data(tensor: torch.Tensor, dtype: str):
     """(array, raw dtype or None) as the writer wants them: 1-D tensors stay f32 (llama.cpp's norms and biases)."""
     import gguf
 
-    array = tensor.detach().to(torch.float32).cpu().numpy()
+    array = tensor.detach().cpu().to(torch.float32).numpy()  # to the host first: no float32 copy on the GPU
     if array.ndim == 1 or dtype == "f32":
         return array, None
     if dtype == "f16":

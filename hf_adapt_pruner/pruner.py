@@ -215,6 +215,7 @@ class AdaptivePruner:
         bar = tqdm(total=steps, desc="prune", disable=not progress or params <= target_params)
         while params > target_params and step < steps:
             raw, scores = scorer(self.layers, self.head_dim)
+            raw, scores = raw.detach().double().cpu(), [s.cpu_double() for s in scores]  # from any device
             if self.sync is not None:
                 raw, scores = self.sync.average(raw, scores)
             importance = normalize_importance(raw)
