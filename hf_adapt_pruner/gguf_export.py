@@ -142,7 +142,9 @@ def export_gguf(
     """Write a pruned (or unpruned) Llama-family model as a GGUF file that llama.cpp runs with its per-layer widths.
 
     Args:
-        model_or_dir: a model, or a folder saved with `save_pruned` / `save_pretrained` (its tokenizer is used).
+        model_or_dir: a model (on any device, in any dtype), or a folder saved with `save_pruned` /
+            `save_pretrained` (its tokenizer is used), read on the CPU in the dtype its weights are stored in. Each
+            tensor is converted to `dtype` from there, so no loading dtype or device is needed.
         path: the `.gguf` file to write (written to a temporary file beside it, then renamed).
         dtype: `f32`, `f16` (2-D weights; norms and biases stay f32) or `q8_0` (2-D weights whose rows are a multiple
             of 32 long; others f16).
@@ -176,7 +178,7 @@ def export_gguf(
         from .serialization import load_pruned
 
         folder = Path(model_or_dir)
-        model = load_pruned(folder, dtype=torch.float32)
+        model = load_pruned(folder, dtype="auto")  # as stored: lossless, and half the memory of float32 for bf16
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer is None:

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.utils import logging
 
 from .architectures import get_architecture
-from .checks import check_model, check_repo_id, check_save_arguments
+from .checks import check_model, check_repo_id, check_save_arguments, resolve_device
 from .config import PrunerConfig
 from .layout import LAYOUT_KEY, MASK_KEY, PrunedLayout
 from .modeling.modeling_adapt_pruner import block_sizes
@@ -314,13 +314,19 @@ def _read_config(config_file: Path) -> dict[str, Any]:
 
 
 def load_for_pruning(
-    pretrained_model_name_or_path: str | os.PathLike, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
+    pretrained_model_name_or_path: str | os.PathLike,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, Any]:
     """(dense model, tokenizer) ready for pruning: a pruned checkpoint through `load_pruned`, a GGUF file dequantized.
 
-    A model loaded from GGUF has its quantizer marker cleared, so it saves like any other model; it remembers the
-    file, whose tokenizer `export_gguf` copies.
+    The weights load in `dtype` straight onto `device` (`"cpu"`, `"cuda"`, `"cuda:1"` or `"auto"`: CUDA when
+    available); importance scores and losses are summed in float32 whatever `dtype` is. A model loaded from GGUF has
+    its quantizer marker cleared, so it saves like any other model; it remembers the file, whose tokenizer
+    `export_gguf` copies.
     """
+    device_map = resolve_device(device)  # one device: the weights go there as they load, with no CPU copy first
     if gguf_file is not None:
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
@@ -333,7 +339,7 @@ def load_for_pruning(
                 "safetensors weights."
             )
         model = AutoModelForCausalLM.from_pretrained(
-            pretrained_model_name_or_path, gguf_file=gguf_file, dtype=dtype,
+            pretrained_model_name_or_path, gguf_file=gguf_file, dtype=dtype, device_map=device_map,
             quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True),
         )  # fmt: skip
         clear_dequantized_gguf_marker(model)
@@ -341,7 +347,7 @@ def load_for_pruning(
         if local.is_file():
             model._hf_adapt_pruner_gguf_source = local
     else:
-        model = load_pruned(pretrained_model_name_or_path, dtype=dtype)
+        model = load_pruned(pretrained_model_name_or_path, dtype=dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, gguf_file=gguf_file)
     return model, tokenizer
 
