@@ -162,7 +162,7 @@ def _swap_attention_for_channels(
 def select_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the `keep` highest scores, in ascending index order (ties go to the lower index)."""
     if keep >= scores.numel():
-        return torch.arange(scores.numel())
+        return torch.arange(scores.numel(), device=scores.device)
     order = torch.sort(-scores.double(), stable=True).indices
     return torch.sort(order[:keep]).values
 
@@ -170,16 +170,16 @@ def select_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def select_heads(scores: GroupScores, target: LayerWidths) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept (query head, kv head) indices. Query head `h` belongs to kv head `h // group`, as `repeat_kv` expects."""
     heads, kv = scores.q_heads.numel(), scores.kv_heads.numel()
-    group = heads // kv
+    group, device = heads // kv, scores.q_heads.device
     if target.num_key_value_heads < kv:  # kv_group: a kv head goes together with its query heads
         keep_kv = select_top(kv_group_scores(scores), target.num_key_value_heads)
-        keep_q = (keep_kv[:, None] * group + torch.arange(group)[None, :]).flatten()
+        keep_q = (keep_kv[:, None] * group + torch.arange(group, device=device)[None, :]).flatten()
         return keep_q, keep_kv
     per_group = target.num_attention_heads // kv
     if per_group < group:  # query_head: the best `per_group` query heads of every kv group
         within = [select_top(scores.q_heads.view(kv, group)[j], per_group) + j * group for j in range(kv)]
-        return torch.cat(within), torch.arange(kv)
-    return torch.arange(heads), torch.arange(kv)
+        return torch.cat(within), torch.arange(kv, device=device)
+    return torch.arange(heads, device=device), torch.arange(kv, device=device)
 
 
 def check_reachable(

@@ -132,3 +132,36 @@ def check_repo_id(repo_id: Any) -> None:
             f"repo_id={repo_id!r} is not a Hub repo id: use 'owner/name' (or 'name' for your own namespace) with "
             f"letters, digits, '-', '_' and '.', at most 96 characters ({error})."
         ) from None
+
+
+def resolve_device(device: str | torch.device, option: str = "device") -> torch.device:
+    """The device to load and run a model on: `auto` is CUDA when available, else the CPU.
+
+    A CUDA device on a machine without CUDA is refused with the reason and the fix. `option` names the argument in
+    that message: `--device` on the command line, `device` in Python.
+    """
+
+    def spelled(value: str) -> str:
+        return f"{option} {value}" if option.startswith("--") else f"{option}={value!r}"
+
+    if str(device) == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{spelled(str(device))} is not a device: use cpu, cuda (cuda:N) or auto.") from None
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
+        reason = ("this torch is a CPU-only build" if torch.version.cuda is None
+                  else "no GPU is visible: check nvidia-smi and CUDA_VISIBLE_DEVICES")  # fmt: skip
+        raise ValueError(
+            f"{spelled(str(device))}: CUDA is not available here ({reason}; torch {torch.__version__}). Use "
+            f"{spelled('cpu')}, or {spelled('auto')} to take the GPU when there is one."
+        )
+    index = torch.cuda.current_device() if resolved.index is None else resolved.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"{spelled(str(device))}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
+        )
+    return torch.device("cuda", index)

@@ -2,7 +2,9 @@
 
 hf-adapt-pruner prune MODEL_DIR --target-ratio 0.7 --calibration TEXT_DIR --output OUT_DIR [--gguf-file F]
 hf-adapt-pruner prune MODEL_DIR --target-ratio 0.7 --dataset NAME_OR_PATH [--split train] [--text-column text] ...
-hf-adapt-pruner eval MODEL_DIR --text TEXT_DIR [--blocks 32] [--seq-len 128] [--gguf-file F]
+    [--dtype bfloat16] [--device auto]
+hf-adapt-pruner eval MODEL_DIR --text TEXT_DIR [--blocks 32] [--seq-len 128] [--gguf-file F] [--dtype D] [--device D]
+hf-adapt-pruner export MODEL_DIR --gguf OUT.gguf [--dtype f16]   (here --dtype is the GGUF tensor type)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from transformers.utils import logging
 
 from .architectures import architecture_table
 from .calibration import POOL_FACTOR, dataset_blocks
-from .checks import vocabulary_size
+from .checks import resolve_device, vocabulary_size
 from .config import PrunerConfig
 from .data import check_token_ids, open_dataset, read_texts, split_files, text_files, token_blocks
 from .evaluation import generate_sample, generation_speed, perplexity
@@ -32,12 +34,30 @@ from .serialization import load_for_pruning, save_pruned
 TUNABLE = ("amplitude", "layer_importance", "group_importance", "attention_unit", "allocation", "inner_steps",
            "rescore_every", "round_to", "calibration_samples", "calibration_seq_len", "calibration_batch_size",
            "min_heads", "min_kv_heads", "min_intermediate_size", "seed")  # fmt: skip
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _add_load_arguments(p) -> None:
+    """--dtype and --device of the commands that run the model (prune, eval)."""
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="Dtype the weights are loaded and run in; bfloat16 halves the memory (importance scores and "
+                        "losses are still summed in float32). Saved weights keep this dtype.")  # fmt: skip
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="Where the model runs: auto takes cuda when available, else cpu.")  # fmt: skip
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) as --gguf-file, --dtype and --device say; the device is checked first, in flag words."""
+    device = resolve_device(args.device, option="--device")
+    return load_for_pruning(args.model, gguf_file=args.gguf_file, dtype=DTYPES[args.dtype], device=device)
 
 
 def _add_prune_parser(subparsers) -> None:
     p = subparsers.add_parser("prune", help="One-shot Adapt-Pruner on calibration text, then save_pruned.")
     p.add_argument("model", help="Model folder (safetensors, or a folder holding a GGUF file with --gguf-file).")
     p.add_argument("--gguf-file", help="GGUF file name inside MODEL (dequantized on load).")
+    _add_load_arguments(p)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-ratio", type=float, help="Fraction of parameters to keep, e.g. 0.7.")
     target.add_argument("--target-params", type=int, help="Parameter count to keep.")
@@ -75,6 +95,7 @@ def _add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="Perplexity on a text file or folder, and generation speed.")
     p.add_argument("model", help="Model folder (pruned, stock, or holding a GGUF file with --gguf-file).")
     p.add_argument("--gguf-file", help="GGUF file name inside MODEL (dequantized on load).")
+    _add_load_arguments(p)
     p.add_argument("--text", required=True, help="A text file or a folder of .txt/.md/.rst files.")
     p.add_argument("--blocks", type=int, default=32, help="Token blocks scored for perplexity.")
     p.add_argument("--seq-len", type=int, default=128, help="Tokens per block.")
@@ -85,7 +106,9 @@ def _add_export_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="Write a pruned model as a GGUF file for llama.cpp.")
     p.add_argument("model", help="Folder written by save_pruned (or any Llama-family checkpoint folder).")
     p.add_argument("--gguf", required=True, help="The .gguf file to write.")
-    p.add_argument("--dtype", choices=GGUF_DTYPES, default="f16", help="Weight type of the 2-D tensors.")
+    p.add_argument("--dtype", choices=GGUF_DTYPES, default="f16",
+                   help="GGUF type of the 2-D weight tensors (not a loading dtype: the checkpoint is read in the "
+                        "dtype it was saved in, on the CPU).")  # fmt: skip
     p.add_argument("--tokenizer-gguf", help="Copy the tokenizer from this GGUF file (default: convert MODEL's).")
     p.add_argument("--overwrite", action="store_true", help="Replace --gguf if it exists.")
 
@@ -112,7 +135,7 @@ def _checked(model, tokenizer, args: argparse.Namespace, ids, what: str):
 
 def _eval(args: argparse.Namespace) -> dict:
     files = text_files(args.text)
-    model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
+    model, tokenizer = _load(args)
     blocks = _tokens(model, tokenizer, args, read_texts(files), args.seq_len, args.blocks, "the --text text")
     result = {
         "model": args.model,
@@ -185,7 +208,7 @@ def _prune(args: argparse.Namespace) -> dict:
     if os.path.exists(args.output) and not args.overwrite:  # fail before the expensive part
         raise FileExistsError(f"{args.output!r} already exists: pass --overwrite to replace it.")
     read_blocks = _calibration_source(args, config)  # a missing file or dataset fails before the model loads
-    model, tokenizer = load_for_pruning(args.model, gguf_file=args.gguf_file)
+    model, tokenizer = _load(args)
     checked_pruner(model, config)  # an unreachable target is refused before any text is read or scored
     calibration, evaluation = read_blocks(model, tokenizer)
     result = {"perplexity_before": perplexity(model, evaluation, progress=True) if evaluation is not None else None}

@@ -46,7 +46,7 @@ def split_files(files: Sequence[Path], eval_fraction: float, seed: int = 0) -> t
             f"eval_fraction={eval_fraction!r} is the share of text files held out for evaluation: use a value in "
             "(0, 1), e.g. 0.1."
         )
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed), device="cpu").tolist()
     n_eval = max(1, round(len(files) * eval_fraction))
     evaluation = sorted(files[i] for i in order[:n_eval])
     calibration = sorted(files[i] for i in order[n_eval:])
@@ -241,7 +241,7 @@ class CalibrationPool:
             return
         n = self.blocks.shape[0]
         if n > self.num_samples:
-            chosen = torch.randperm(n, generator=self.generator)[: self.num_samples]
+            chosen = torch.randperm(n, generator=self.generator, device="cpu")[: self.num_samples]
         else:
             chosen = torch.arange(n)
         for start in range(0, len(chosen), self.batch_size):

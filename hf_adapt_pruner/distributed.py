@@ -31,26 +31,28 @@ class RankSync:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.device = communication_device(group)
 
     def average(self, importance: torch.Tensor, scores: Sequence[GroupScores]) -> tuple[torch.Tensor, list]:
         """Mean of the layer importances and group scores over the ranks (float64, on CPU)."""
         parts = [importance.double().cpu()] + [t for s in scores for t in (s.q_heads, s.kv_heads, s.channels)]
-        flat = torch.cat([p.double().cpu().flatten() for p in parts])
-        dist.all_reduce(flat, group=self.group)  # gloo and nccl both sum; nccl needs the tensor on the device
-        flat /= self.world_size
+        flat = torch.cat([p.double().cpu().flatten() for p in parts]).to(self.device)
+        dist.all_reduce(flat, group=self.group)  # gloo and nccl both sum
+        flat = flat.cpu() / self.world_size
         pieces = iter(flat.split([p.numel() for p in parts]))
         importance = next(pieces)
         return importance, [GroupScores(next(pieces), next(pieces), next(pieces)) for _ in scores]
 
     def check_agreement(self, what: str, plans: dict[int, tuple[torch.Tensor, ...]]) -> None:
         """Raise on every rank if any rank's plan (layer -> kept indices) differs from rank 0's."""
-        local = _encode(plans)
-        size = torch.tensor([local.numel()], dtype=torch.long)
+        device = self.device
+        local = _encode(plans).to(device)
+        size = torch.tensor([local.numel()], dtype=torch.long, device=device)
         dist.broadcast(size, src=0, group=self.group)
-        reference = local.clone() if self.rank == 0 else torch.empty(int(size), dtype=torch.long)
+        reference = local.clone() if self.rank == 0 else torch.empty(int(size), dtype=torch.long, device=device)
         dist.broadcast(reference, src=0, group=self.group)
-        differs = torch.tensor([int(not torch.equal(local, reference))], dtype=torch.long)
-        flags = [torch.zeros(1, dtype=torch.long) for _ in range(self.world_size)]
+        differs = torch.tensor([int(not torch.equal(local, reference))], dtype=torch.long, device=device)
+        flags = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.world_size)]
         dist.all_gather(flags, differs, group=self.group)
         bad = [rank for rank, flag in enumerate(flags) if int(flag)]
         if bad:
@@ -60,6 +62,15 @@ class RankSync:
                 "scoring deterministic (same calibration data on every rank, deterministic kernels) or report this "
                 "as a bug in hf_adapt_pruner."
             )
+
+
+def communication_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where the tensors of a collective must live: NCCL takes only CUDA tensors (the current device, as accelerate
+    and the Trainer set it per rank), gloo and a `cpu:gloo,cuda:nccl` pair take CPU tensors."""
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _encode(plans: dict[int, tuple[torch.Tensor, ...]]) -> torch.Tensor:

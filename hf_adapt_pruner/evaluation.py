@@ -43,20 +43,31 @@ def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_token
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels: CUDA runs asynchronously, so a clock read after a forward that returned
+    would time the kernel launches, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def generation_speed(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> dict:
     """Median forward latency over the prompt and greedy `generate` tokens/s (KV cache on), after one warm-up."""
     model.eval()
-    ids = input_ids.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
     mask = torch.ones_like(ids)
     model(ids, attention_mask=mask)  # warm-up
     forward, decode = [], []
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         model(ids, attention_mask=mask)
+        _synchronize(device)
         forward.append(time.perf_counter() - start)
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=0)  # fmt: skip
+        _synchronize(device)
         decode.append((out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - start))
     return {"forward_ms": 1000 * statistics.median(forward), "generate_tokens_per_s": statistics.median(decode)}

@@ -76,7 +76,7 @@ def _tensor_data(tensor: torch.Tensor, dtype: str):
     """(array, raw dtype or None) as the writer wants them: 1-D tensors stay f32 (llama.cpp's norms and biases)."""
     import gguf
 
-    array = tensor.detach().to(torch.float32).cpu().numpy()
+    array = tensor.detach().cpu().to(torch.float32).numpy()  # to the host first: no float32 copy on the GPU
     if array.ndim == 1 or dtype == "f32":
         return array, None
     if dtype == "f16":
@@ -142,7 +142,9 @@ def export_gguf(
     """Write a pruned (or unpruned) Llama-family model as a GGUF file that llama.cpp runs with its per-layer widths.
 
     Args:
-        model_or_dir: a model, or a folder saved with `save_pruned` / `save_pretrained` (its tokenizer is used).
+        model_or_dir: a model (on any device, in any dtype), or a folder saved with `save_pruned` /
+            `save_pretrained` (its tokenizer is used), read on the CPU in the dtype its weights are stored in. Each
+            tensor is converted to `dtype` from there, so no loading dtype or device is needed.
         path: the `.gguf` file to write (written to a temporary file beside it, then renamed).
         dtype: `f32`, `f16` (2-D weights; norms and biases stay f32) or `q8_0` (2-D weights whose rows are a multiple
             of 32 long; others f16).
@@ -176,7 +178,7 @@ def export_gguf(
         from .serialization import load_pruned
 
         folder = Path(model_or_dir)
-        model = load_pruned(folder, dtype=torch.float32)
+        model = load_pruned(folder, dtype="auto")  # as stored: lossless, and half the memory of float32 for bf16
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer is None:

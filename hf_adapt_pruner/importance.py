@@ -116,6 +116,10 @@ class GroupScores:
     def select(self, keep_q: torch.Tensor, keep_kv: torch.Tensor, keep_channels: torch.Tensor) -> GroupScores:
         return GroupScores(self.q_heads[keep_q], self.kv_heads[keep_kv], self.channels[keep_channels])
 
+    def cpu_double(self) -> GroupScores:
+        """float64 on the CPU, where allocation works (scores a scorer left on the model's device come back)."""
+        return GroupScores(*(t.detach().double().cpu() for t in (self.q_heads, self.kv_heads, self.channels)))
+
 
 def _effective_weight(pruned: PrunedModule) -> torch.Tensor:
     """The weight the layer computes with: the base weight plus the deltas of its active LoRA adapters."""
@@ -163,9 +167,9 @@ def group_scores(
     heads, kv_heads, channels = modules.widths(head_dim)
     if metric == "random":
         return GroupScores(
-            torch.rand(heads, generator=generator, dtype=torch.float64),
-            torch.rand(kv_heads, generator=generator, dtype=torch.float64),
-            torch.rand(channels, generator=generator, dtype=torch.float64),
+            torch.rand(heads, generator=generator, dtype=torch.float64, device="cpu"),  # the generator's device
+            torch.rand(kv_heads, generator=generator, dtype=torch.float64, device="cpu"),
+            torch.rand(channels, generator=generator, dtype=torch.float64, device="cpu"),
         )
     sizes = {"q": heads * head_dim, "kv": kv_heads * head_dim, "mlp": channels}
     sums = {kind: 0.0 for kind in sizes}

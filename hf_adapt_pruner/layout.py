@@ -35,11 +35,13 @@ class PrunedLayout:
      "num_attention_heads": [9, 6, ...], "num_key_value_heads": [3, 2, ...], "intermediate_size": [1536, 1088, ...],
      "base": {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536, "num_parameters": ...},
      "sparsity": [0.0, 0.12, ...],
-     "history": [{"num_parameters": ..., "layers": {"1": {"q_heads": [...], "kv_heads": [...], "channels": [...]}}}]}
+     "history": [{"num_parameters": ..., "layer_importance": [0.41, -1.0, ...],
+                  "layers": {"1": {"q_heads": [...], "kv_heads": [...], "channels": [...]}}}]}
     ```
 
     `history` lists, per prune event, the indices each changed layer KEPT (relative to its widths before that
-    event), so a decision can be replayed on a fresh copy of the base model. `sparsity` is the Adapt-Pruner
+    event), so a decision can be replayed on a fresh copy of the base model, and the layer importances (centred,
+    scaled to [-1, 1]) of the event's last measurement, which the model card plots. `sparsity` is the Adapt-Pruner
     per-layer state that later prune events continue from.
     """
 

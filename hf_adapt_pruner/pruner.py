@@ -216,6 +216,7 @@ class AdaptivePruner:
         bar = tqdm(total=steps, desc="prune", disable=not progress or params <= target_params)
         while params > target_params and step < steps:
             raw, scores = scorer(self.layers, self.head_dim)
+            raw, scores = raw.detach().double().cpu(), [s.cpu_double() for s in scores]  # from any device
             if self.sync is not None:
                 raw, scores = self.sync.average(raw, scores)
             importance = normalize_importance(raw)
@@ -240,7 +241,7 @@ class AdaptivePruner:
             bar.update(1)
             bar.set_postfix(params=f"{params / 1e6:.2f}M")
         bar.close()
-        self._record_event(before, kept, params)
+        self._record_event(before, kept, params, importance)
         report = self._report(before, params_before, target_params, importance, step, time.perf_counter() - start)
         self._log_outcome(report)
         return report
@@ -266,7 +267,7 @@ class AdaptivePruner:
         kept[0], kept[1], kept[2] = kept[0][keep_q], kept[1][keep_kv], kept[2][keep_ch]
         self.layout.set_layer(index, widths)
 
-    def _record_event(self, before: list[LayerWidths], kept: list[list[torch.Tensor]], params: int) -> None:
+    def _record_event(self, before: list[LayerWidths], kept: list, params: int, importance: torch.Tensor) -> None:
         changed = {
             str(i): {"q_heads": k[0].tolist(), "kv_heads": k[1].tolist(), "channels": k[2].tolist()}
             for i, (k, old) in enumerate(zip(kept, before))
@@ -276,7 +277,8 @@ class AdaptivePruner:
         if not changed and getattr(self.model.config, key, None) is None:
             return  # nothing pruned yet: the model stays a stock model
         if changed:
-            self.layout.history.append({"num_parameters": params, "layers": changed})
+            importance = [round(float(v), 6) for v in importance]  # the last measurement, for the model card
+            self.layout.history.append({"num_parameters": params, "layer_importance": importance, "layers": changed})
         self.layout.sparsity = self.sparsity.tolist()
         self.model.config.head_dim = self.head_dim
         if self.mode == "mask":  # shapes unchanged: a stock checkpoint that carries its masks

@@ -15,10 +15,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .architectures import LayerModules
 from .data import CalibrationPool
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
+
+
+logger = logging.get_logger(__name__)
 
 
 class StaticScorer:
@@ -67,6 +71,12 @@ class CalibrationScorer:
         self.rescore_every = rescore_every
         self._calls = 0
         self._last: StaticScorer | None = None
+        if group_metric == "taylor" and any(p.dtype == torch.float16 for p in model.parameters()):
+            logger.warning(
+                "The model runs in float16: the calibration backward pass has no loss scaling, so gradients below "
+                "float16's range (~6e-5) lose precision or become zero, and Taylor scores with them. Load the model "
+                "in bfloat16 (float32's range; --dtype bfloat16 on the command line) or float32 to prune it."
+            )
 
     def __call__(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]:
         self._calls += 1

@@ -9,12 +9,11 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -30,18 +29,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.utils import logging
 
 from .architectures import get_architecture
-from .checks import check_model, check_repo_id, check_save_arguments
+from .card import PICTURE_FILE, model_card, pruning_picture
+from .checks import check_model, check_repo_id, check_save_arguments, resolve_device
 from .config import PrunerConfig
 from .layout import LAYOUT_KEY, MASK_KEY, PrunedLayout
 from .modeling.modeling_adapt_pruner import block_sizes
-from .pruner import count_parameters, materialize_masks, materialize_masks_
+from .pruner import materialize_masks, materialize_masks_
 from .remote_code import base_model_type, clear_dequantized_gguf_marker, mark_pruned, pruned_classes
 from .sharding import gather_model, has_sharded_parameters
 
 
 logger = logging.get_logger(__name__)
-
-MODEL_CARD_TEMPLATE = "adapt_pruner.md"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,8 +61,9 @@ def save_pruned(
 
     Writes safetensors weights, `config.json` (the base architecture's fields, `pruned_layout`, our `model_type` and
     `auto_map`), `configuration_adapt_pruner.py` and `modeling_adapt_pruner.py`, the generation config, the tokenizer
-    files, `pruner_config.json` and a model card `README.md`. An unpruned model gets a plain save; a mask-mode model
-    is saved sliced to its unmasked units.
+    files, `pruner_config.json` and a model card `README.md` showing `pruning.png` (per-layer widths and layer
+    importance; written when matplotlib is installed). An unpruned model gets a plain save; a mask-mode model is
+    saved sliced to its unmasked units.
 
     Everything is written into a temporary folder beside `save_directory` and moved into place at the end, so a
     failure never leaves a half-written model; an existing `save_directory` is replaced only with `overwrite=True`.
@@ -114,8 +113,7 @@ def save_pruned(
         if pruner_config is not None:
             pruner_config.save_pretrained(tmp)
         if pruned:
-            card = _model_card(model, pruner_config, eval_results, base_model, license, repo_id or target.name)
-            card.save(tmp / "README.md")
+            _write_card(model, tmp, pruner_config, eval_results, base_model, license, repo_id or target.name)
             check_weights_match_layout(tmp)
         _move_into_place(tmp, target)
     except BaseException:
@@ -123,6 +121,25 @@ def save_pruned(
         raise
     logger.info(f"Saved {'pruned ' if pruned else ''}model to {target}")
     return target
+
+
+def _write_card(
+    model: nn.Module,
+    folder: Path,
+    pruner_config: PrunerConfig | None,
+    eval_results: Mapping[str, Any] | None,
+    base_model: str | None,
+    license: str | None,
+    repo_id: str,
+) -> None:
+    """README.md, and the picture it shows (`pruning.png`) when matplotlib is installed."""
+    layout = PrunedLayout.from_dict(getattr(model.config, LAYOUT_KEY), num_layers=model.config.num_hidden_layers)
+    picture = pruning_picture(layout)
+    if picture is not None:
+        (folder / PICTURE_FILE).write_bytes(picture)
+    card = model_card(model, pruner_config, eval_results, base_model, license, repo_id,
+                      picture=PICTURE_FILE if picture is not None else None)  # fmt: skip
+    card.save(folder / "README.md")
 
 
 def _check_save_directory(target: Path, overwrite: bool) -> None:
@@ -149,51 +166,6 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         os.rename(backup, target)
         raise
     shutil.rmtree(backup, ignore_errors=True)
-
-
-def _model_card(
-    model: nn.Module,
-    pruner_config: PrunerConfig | None,
-    eval_results: Mapping[str, Any] | None,
-    base_model: str | None,
-    license: str | None,
-    repo_id: str,
-) -> ModelCard:
-    config = model.config
-    layout = PrunedLayout.from_dict(getattr(config, LAYOUT_KEY), num_layers=config.num_hidden_layers)
-    if base_model is None:
-        name = str(getattr(config, "_name_or_path", "") or "")
-        base_model = name if name.count("/") == 1 and not os.path.exists(name) else None
-    card_data = ModelCardData(
-        base_model=base_model,
-        library_name="transformers",
-        license=license,
-        tags=["pruned", "adapt-pruner", "hf_adapt_pruner", "custom_code"],
-        pipeline_tag="text-generation",
-    )
-    template = resources.files("hf_adapt_pruner.model_cards").joinpath(MODEL_CARD_TEMPLATE).read_text("utf-8")
-    return ModelCard.from_template(
-        card_data,
-        template_str=template,
-        model_name=repo_id.split("/")[-1],
-        repo_id=repo_id,
-        base_model=base_model,
-        base_model_type=base_model_type(config.model_type),
-        params_before=layout.base.get("num_parameters", 0),
-        params_after=count_parameters(model),
-        layers=[
-            {"index": i, "heads": h, "kv_heads": kv, "intermediate": m}
-            for i, (h, kv, m) in enumerate(
-                zip(layout.num_attention_heads, layout.num_key_value_heads, layout.intermediate_size)
-            )
-        ],
-        head_dim=layout.head_dim,
-        base_heads=layout.base.get("num_attention_heads"),
-        base_kv_heads=layout.base.get("num_key_value_heads"),
-        base_intermediate=layout.base.get("intermediate_size"),
-        eval_results=dict(eval_results or {}),
-        pruner_config=pruner_config.to_json_string().strip() if pruner_config is not None else None,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,13 +286,19 @@ def _read_config(config_file: Path) -> dict[str, Any]:
 
 
 def load_for_pruning(
-    pretrained_model_name_or_path: str | os.PathLike, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
+    pretrained_model_name_or_path: str | os.PathLike,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, Any]:
     """(dense model, tokenizer) ready for pruning: a pruned checkpoint through `load_pruned`, a GGUF file dequantized.
 
-    A model loaded from GGUF has its quantizer marker cleared, so it saves like any other model; it remembers the
-    file, whose tokenizer `export_gguf` copies.
+    The weights load in `dtype` straight onto `device` (`"cpu"`, `"cuda"`, `"cuda:1"` or `"auto"`: CUDA when
+    available); importance scores and losses are summed in float32 whatever `dtype` is. A model loaded from GGUF has
+    its quantizer marker cleared, so it saves like any other model; it remembers the file, whose tokenizer
+    `export_gguf` copies.
     """
+    device_map = resolve_device(device)  # one device: the weights go there as they load, with no CPU copy first
     if gguf_file is not None:
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
@@ -333,7 +311,7 @@ def load_for_pruning(
                 "safetensors weights."
             )
         model = AutoModelForCausalLM.from_pretrained(
-            pretrained_model_name_or_path, gguf_file=gguf_file, dtype=dtype,
+            pretrained_model_name_or_path, gguf_file=gguf_file, dtype=dtype, device_map=device_map,
             quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True),
         )  # fmt: skip
         clear_dequantized_gguf_marker(model)
@@ -341,7 +319,7 @@ def load_for_pruning(
         if local.is_file():
             model._hf_adapt_pruner_gguf_source = local
     else:
-        model = load_pruned(pretrained_model_name_or_path, dtype=dtype)
+        model = load_pruned(pretrained_model_name_or_path, dtype=dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, gguf_file=gguf_file)
     return model, tokenizer
 

@@ -50,7 +50,7 @@ def slice_parameter_(
 
 def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row indices of whole heads: head `h` owns rows `h * head_dim ... (h + 1) * head_dim - 1`."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)[None, :]).flatten()
 
 
 def kept_entries(pruned: PrunedModule, sizes: dict[str, int], keep: dict[str, torch.Tensor]) -> torch.Tensor:
