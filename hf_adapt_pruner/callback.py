@@ -18,7 +18,7 @@ from .checks import check_optimizer, torch_optimizer, vocabulary_size
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
 from .distillation import DistillationConfig, Distiller
-from .distributed import ddp_rebuild_unsupported, rebuild_ddp_reducer
+from .distributed import ddp_mode, find_ddp_wrapper, rebuild_ddp_reducer, running_trainer
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
 from .pruner import AdaptivePruner
 from .report import PruneReport
@@ -47,8 +47,13 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
     `importance_source="calibration"` each event runs the paper's forward/backward passes over `calibration_data`.
 
     Each event slices weights in place (same `nn.Parameter` objects) and the optimizer's state with them, so the LR
-    schedule, gradient accumulation and the optimizer carry on. Event statistics go to the Trainer's log history;
-    call `callback.attach(trainer)` so they also reach `report_to` integrations (which otherwise see logs first).
+    schedule, gradient accumulation and the optimizer carry on. Event statistics go to the Trainer's log
+    history.
+
+    No call beyond `callbacks=[...]` is needed, in one process or several: in `on_train_begin` the callback finds the
+    Trainer running it (on the call stack, see `hf_adapt_pruner.distributed.running_trainer`), moves itself to the
+    front of its callback list (so `report_to` integrations see the `prune/*` values) and reads its DDP wrapper.
+    `callback.attach(trainer)` does the same explicitly.
 
     With `distillation=DistillationConfig(...)` the model trains on `(1 - alpha) * CE + alpha * T^2 * KL(teacher ||
     student)` (see `hf_adapt_pruner.distillation`); the teacher is `teacher`, or a frozen copy of the model taken in
@@ -110,7 +115,12 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
 
     def attach(self, trainer) -> AdaptPrunerCallback:
         """Put this callback first in `trainer`'s list, so its statistics reach `report_to` integrations too, and let
-        it reach the Trainer's DDP wrapper in multi-process runs (needed there)."""
+        it reach the Trainer's DDP wrapper in multi-process runs. Optional: `on_train_begin` does it by itself when it
+        finds the Trainer that runs it (always, under `Trainer.train`).
+
+        Safe while the handler iterates over its list (as in `on_train_begin`): moving the callback from index i to
+        the front shifts only the entries before i, which have run already; the next index still holds the next one.
+        """
         callbacks = trainer.callback_handler.callbacks
         if self in callbacks:
             callbacks.remove(self)
@@ -123,7 +133,11 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._guard_checkpoint_loading(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        mode = self._resolve_mode(args.world_size, model)
+        if self._trainer is None or self._trainer() is None:
+            trainer = running_trainer(self)  # the Trainer calling us: as if the user had called attach(trainer)
+            if trainer is not None:
+                self.attach(trainer)
+        mode = self._resolve_mode(args, state, model)
         check_optimizer(optimizer)
         if args.load_best_model_at_end:
             raise ValueError(
@@ -158,36 +172,17 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             self._prune(state, optimizer)  # an event at step 0 (calibration-based importance)
         self._update_window(state)
 
-    def _resolve_mode(self, world_size: int, model) -> str | None:
+    def _resolve_mode(self, args, state, model) -> str | None:
         """physical or mask under DDP, where it depends on the wrapper (whose reducer physical pruning rebuilds after
         each event); None where `AdaptivePruner` decides from the config and the model (one process, FSDP2)."""
         self._ddp = None
-        if world_size == 1 or has_sharded_parameters(model):
+        if args.world_size == 1 or has_sharded_parameters(model):
             return None
         trainer = self._trainer() if self._trainer is not None else None
-        if trainer is None:
-            raise ValueError(
-                f"world_size={world_size}: the callback needs the Trainer's DDP wrapper; call "
-                "callback.attach(trainer) after creating the Trainer (the examples do)."
-            )
-        wrapped = trainer.model_wrapped
-        if not isinstance(wrapped, DistributedDataParallel):
-            raise ValueError(
-                f"The Trainer wraps the model in {type(wrapped).__name__}: pruning while training supports "
-                "DistributedDataParallel and FSDP2 (fsdp_config={'fsdp_version': 2}). FSDP1 flattens and DeepSpeed "
-                "partitions the parameters, where heads and channels cannot be found: switch to FSDP2 or DDP."
-            )
-        if self.config.mode == "mask":
-            return "mask"
-        reason = ddp_rebuild_unsupported(wrapped)
-        if reason and self.config.mode == "physical":
-            raise ValueError(f"mode='physical' under DDP rebuilds DDP's reducer, but {reason}. Use mode='mask'.")
-        if reason:
-            logger.warning(f"Pruning with masks (shapes fixed): physical pruning needs to rebuild DDP's reducer, but "
-                           f"{reason}.")  # fmt: skip
-            return "mask"
-        self._ddp = wrapped
-        return "physical"
+        wrapped = trainer.model_wrapped if trainer is not None else find_ddp_wrapper(model)
+        mode = ddp_mode(self.config.mode, wrapped, args.world_size, warn=state.is_world_process_zero)
+        self._ddp = wrapped if mode == "physical" else None
+        return mode
 
     def _stored_attributes(self, state) -> dict:
         """This callback's attributes in the checkpoint's trainer_state.json (empty for a fresh run)."""
