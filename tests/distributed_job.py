@@ -168,6 +168,8 @@ def main() -> None:
         with torch.no_grad():
             torch.save(model(PROMPT).logits, output / "logits.pt")
         result["saved_params"] = count_parameters(load_pruned(output / "final"))
+        events = json.loads((output / "run" / "prune_events.json").read_text())  # written by rank 0 only
+        result["events_file"] = [[e["stage"], e["params"]] for e in events]
         (output / "result.json").write_text(json.dumps(result, indent=2))
     dist.barrier()
 

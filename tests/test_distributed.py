@@ -84,6 +84,7 @@ def test_ranks_stay_bit_identical_through_prune_events(run, request):
         assert abs(check["params"] - target) <= 0.01 * target
     assert result["checks"][0]["params"] > result["checks"][1]["params"] == result["params"]
     assert all(torch.isfinite(torch.tensor(result["losses"])))
+    assert result["events_file"] == [[1, result["checks"][0]["params"]], [2, result["params"]]]
 
 
 @pytest.mark.parametrize("run", [*DDP_RUNS, "mask_run"])
