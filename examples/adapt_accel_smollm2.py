@@ -88,9 +88,7 @@ def train(model, callbacks):
     )  # fmt: skip
     train_data = [{"input_ids": block, "labels": block} for block in train_blocks]
     trainer = Trainer(model=model.train(), args=training_args, train_dataset=train_data, callbacks=callbacks)
-    for callback in callbacks:
-        callback.attach(trainer)  # first in the list (logging), and reaches the DDP wrapper in multi-process runs
-    trainer.train()
+    trainer.train()  # the callback finds the Trainer (and its DDP wrapper under torchrun / accelerate) by itself
     return model.eval()
 
 

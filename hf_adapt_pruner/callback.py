@@ -19,10 +19,10 @@ from .checks import check_optimizer, torch_optimizer, vocabulary_size
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
 from .distillation import DistillationConfig, Distiller
-from .distributed import ddp_rebuild_unsupported, rebuild_ddp_reducer
+from .distributed import ddp_mode, find_ddp_wrapper, rebuild_ddp_reducer, running_trainer
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
 from .pruner import AdaptivePruner
-from .report import PruneReport
+from .report import PruneReport, record_event
 from .schedule import Stage, build_schedule
 from .scorers import CalibrationScorer, StaticScorer
 from .sharding import has_sharded_parameters
@@ -49,8 +49,13 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
     (any form `prune_model` takes; text is tokenized with `tokenizer`, else with the Trainer's `processing_class`).
 
     Each event slices weights in place (same `nn.Parameter` objects) and the optimizer's state with them, so the LR
-    schedule, gradient accumulation and the optimizer carry on. Event statistics go to the Trainer's log history;
-    call `callback.attach(trainer)` so they also reach `report_to` integrations (which otherwise see logs first).
+    schedule, gradient accumulation and the optimizer carry on. Scalar event statistics (`prune/*`) go to the
+    Trainer's logs; per-layer widths and importances to `prune_events.json` in `args.output_dir`.
+
+    No call beyond `callbacks=[...]` is needed, in one process or several: in `on_train_begin` the callback finds the
+    Trainer running it (on the call stack, see `hf_adapt_pruner.distributed.running_trainer`), moves itself to the
+    front of its callback list (so `report_to` integrations see the `prune/*` values) and reads its DDP wrapper.
+    `callback.attach(trainer)` does the same explicitly.
 
     With `distillation=DistillationConfig(...)` the model trains on `(1 - alpha) * CE + alpha * T^2 * KL(teacher ||
     student)` (see `hf_adapt_pruner.distillation`); the teacher is `teacher`, or a frozen copy of the model taken in
@@ -100,6 +105,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._collector: LayerSimilarityCollector | None = None
         self._scores: list[GroupScores] | None = None
         self._pending_logs: dict[str, Any] = {}
+        self._pending_tables: list[tuple[int, str]] = []  # (step, Markdown) for TensorBoard, sent in on_log
         self._hooked_model = None
         self._progress = True
         self._trainer = None  # weak reference, set by attach()
@@ -116,7 +122,12 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
 
     def attach(self, trainer) -> AdaptPrunerCallback:
         """Put this callback first in `trainer`'s list, so its statistics reach `report_to` integrations too, and let
-        it reach the Trainer's DDP wrapper in multi-process runs (needed there)."""
+        it reach the Trainer's DDP wrapper in multi-process runs. Optional: `on_train_begin` does it by itself when it
+        finds the Trainer that runs it (always, under `Trainer.train`).
+
+        Safe while the handler iterates over its list (as in `on_train_begin`): moving the callback from index i to
+        the front shifts only the entries before i, which have run already; the next index still holds the next one.
+        """
         callbacks = trainer.callback_handler.callbacks
         if self in callbacks:
             callbacks.remove(self)
@@ -139,7 +150,11 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
                                                                               tokenizer)  # fmt: skip
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        mode = self._resolve_mode(args.world_size, model)
+        if self._trainer is None or self._trainer() is None:
+            trainer = running_trainer(self)  # the Trainer calling us: as if the user had called attach(trainer)
+            if trainer is not None:
+                self.attach(trainer)
+        mode = self._resolve_mode(args, state, model)
         check_optimizer(optimizer)
         if args.load_best_model_at_end:
             raise ValueError(
@@ -173,39 +188,20 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         if self._distiller is not None:
             self._start_distillation(args, state, model)  # before an event at step 0: the teacher is unpruned
         if self.events_done < len(self.schedule) and self.schedule[self.events_done].step <= state.global_step:
-            self._prune(state, optimizer)  # an event at step 0 (calibration-based importance)
+            self._prune(args, state, optimizer)  # an event at step 0 (calibration-based importance)
         self._update_window(state)
 
-    def _resolve_mode(self, world_size: int, model) -> str | None:
+    def _resolve_mode(self, args, state, model) -> str | None:
         """physical or mask under DDP, where it depends on the wrapper (whose reducer physical pruning rebuilds after
         each event); None where `AdaptivePruner` decides from the config and the model (one process, FSDP2)."""
         self._ddp = None
-        if world_size == 1 or has_sharded_parameters(model):
+        if args.world_size == 1 or has_sharded_parameters(model):
             return None
         trainer = self._trainer() if self._trainer is not None else None
-        if trainer is None:
-            raise ValueError(
-                f"world_size={world_size}: the callback needs the Trainer's DDP wrapper; call "
-                "callback.attach(trainer) after creating the Trainer (the examples do)."
-            )
-        wrapped = trainer.model_wrapped
-        if not isinstance(wrapped, DistributedDataParallel):
-            raise ValueError(
-                f"The Trainer wraps the model in {type(wrapped).__name__}: pruning while training supports "
-                "DistributedDataParallel and FSDP2 (fsdp_config={'fsdp_version': 2}). FSDP1 flattens and DeepSpeed "
-                "partitions the parameters, where heads and channels cannot be found: switch to FSDP2 or DDP."
-            )
-        if self.config.mode == "mask":
-            return "mask"
-        reason = ddp_rebuild_unsupported(wrapped)
-        if reason and self.config.mode == "physical":
-            raise ValueError(f"mode='physical' under DDP rebuilds DDP's reducer, but {reason}. Use mode='mask'.")
-        if reason:
-            logger.warning(f"Pruning with masks (shapes fixed): physical pruning needs to rebuild DDP's reducer, but "
-                           f"{reason}.")  # fmt: skip
-            return "mask"
-        self._ddp = wrapped
-        return "physical"
+        wrapped = trainer.model_wrapped if trainer is not None else find_ddp_wrapper(model)
+        mode = ddp_mode(self.config.mode, wrapped, args.world_size, warn=state.is_world_process_zero)
+        self._ddp = wrapped if mode == "physical" else None
+        return mode
 
     def _stored_attributes(self, state) -> dict:
         """This callback's attributes in the checkpoint's trainer_state.json (empty for a fresh run)."""
@@ -318,7 +314,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             self._distiller.forwards = 0
         stage = self._next_stage()
         if stage is not None and state.global_step >= stage.step:
-            self._prune(state, optimizer)
+            self._prune(args, state, optimizer)
             control.should_log = True
         self._update_window(state)
         return control
@@ -340,7 +336,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             scores = [group_scores(lm, pruner.head_dim, config.group_importance, generator) for lm in pruner.layers]
         return StaticScorer(importance, scores)
 
-    def _prune(self, state, optimizer) -> None:
+    def _prune(self, args, state, optimizer) -> None:
         stage = self._next_stage()
         report = self._pruner.prune_to(
             stage.target_params, self._scorer(), optimizer=torch_optimizer(optimizer), progress=False
@@ -351,26 +347,59 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._scores = None
         self.events_done += 1
         self.reports.append(report)
+        self._publish(args, state, stage, report)
+
+    def _publish(self, args, state, stage: Stage, report: PruneReport) -> None:
+        """Scalars to the Trainer's logs (the console and `log_history` show only those well); per-layer widths and
+        importances to `prune_events.json` in `output_dir` and to TensorBoard as a table (main process only)."""
         base = self._pruner.layout.base["num_parameters"]
         logger.info(
             f"prune event {stage.index}/{len(self.schedule)} at step {state.global_step}: "
             f"{report.params_before:,} -> {report.params_after:,} parameters ({report.params_after / base:.1%} of "
             f"the original; stage target {stage.target_params:,}) in {report.wall_time_s:.1f} s"
         )
-        self._pending_logs = {
-            "prune/stage": stage.index,
-            "prune/step": state.global_step,
-            "prune/params": report.params_after,
-            "prune/ratio": round(report.params_after / base, 6),
-            "prune/stage_target": stage.target_params,
-            "prune/seconds": round(report.wall_time_s, 3),
-            "prune/widths": self._pruner.layout.summary(),
-            "prune/layer_importance": " ".join(f"{v:+.3f}" for v in report.layer_importance),
-        }
+        scalars = {"stage": stage.index, "step": state.global_step, "params": report.params_after,
+                   "ratio": round(report.params_after / base, 6), "stage_target": stage.target_params,
+                   "seconds": round(report.wall_time_s, 3)}  # fmt: skip
+        self._pending_logs = {f"prune/{key}": value for key, value in scalars.items()}
+        if not state.is_world_process_zero:
+            return
+        layout = self._pruner.layout
+        record_event(args.output_dir, {
+            **scalars, "params_before": report.params_before, "mode": self._pruner.mode,
+            "num_attention_heads": list(layout.num_attention_heads),
+            "num_key_value_heads": list(layout.num_key_value_heads),
+            "intermediate_size": list(layout.intermediate_size),
+            "layer_importance": [round(v, 6) for v in report.layer_importance],
+            "sparsity": [round(v, 6) for v in layout.sparsity],
+        })  # fmt: skip
+        if self._tensorboard_callbacks():
+            self._pending_tables.append((state.global_step, report.table()))
+
+    def _tensorboard_callbacks(self) -> list:
+        """The `report_to="tensorboard"` callbacks of the Trainer running this one."""
+        from transformers.integrations import TensorBoardCallback
+
+        trainer = self._trainer() if self._trainer is not None else None
+        callbacks = trainer.callback_handler.callbacks if trainer is not None else []
+        return [c for c in callbacks if isinstance(c, TensorBoardCallback)]
+
+    def _send_tables(self) -> None:
+        """Per-layer tables of past events to TensorBoard once its writers are open (by the first log, also for an
+        event at step 0 that ran before TensorBoard's `on_train_begin`). Markdown: its Text tab shows a table."""
+        writers = [c.tb_writer for c in self._tensorboard_callbacks() if c.tb_writer is not None]
+        if not writers:
+            return  # kept for a later log
+        for step, table in self._pending_tables:
+            for writer in writers:
+                writer.add_text("prune/layers", table, step)
+        self._pending_tables = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and self._distiller is not None and self._distiller.active:
             self._pending_logs.update(self._distiller.pop_logs())  # a training log: every rank gets here
+        if self._pending_tables:
+            self._send_tables()
         if not self._pending_logs or logs is None:
             return
         logs.update(self._pending_logs)

@@ -6,18 +6,29 @@ pass runs outside DDP. So before allocation the importances are averaged across 
 touched every rank compares its chosen heads and channels with rank 0's: a difference (a non-deterministic kernel,
 rank-dependent data in the scoring path) stops every rank with an error instead of letting the replicas drift apart.
 
-`rebuild_ddp_reducer` lets a live `DistributedDataParallel` train on after its module's parameters were sliced.
+`rebuild_ddp_reducer` lets a live `DistributedDataParallel` train on after its module's parameters were sliced;
+`running_trainer` and `find_ddp_wrapper` find that wrapper when the user did not call `callback.attach(trainer)`.
 """
 
 from __future__ import annotations
 
+import gc
+import inspect
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from transformers.trainer_callback import CallbackHandler
+from transformers.utils import logging
 
 from .importance import GroupScores
+
+
+logger = logging.get_logger(__name__)
 
 
 def is_distributed() -> bool:
@@ -120,3 +131,82 @@ def rebuild_ddp_reducer(ddp: nn.Module) -> None:
     mapping = ddp._build_debug_param_to_name_mapping(parameters)
     ddp._ddp_init_helper(parameters, expect_sparse_gradient, mapping, False)
     ddp._has_rebuilt_buckets = False
+
+
+def running_trainer(callback: Any) -> Any | None:
+    """The `transformers.Trainer` whose callback handler is calling `callback` right now, or None.
+
+    Read from the call stack: the Trainer fires every event from its own methods, through the `CallbackHandler`
+    that lists the callback, so both are there by construction (whatever the launcher: torchrun, accelerate, a
+    notebook). Objects found elsewhere (a Trainer kept from an earlier run, another handler listing the same
+    callback) cannot be mistaken for them. None when no Trainer runs the event (a custom loop that drives a
+    `CallbackHandler` itself) or the Python implementation keeps no frames.
+    """
+    trainer_module = sys.modules.get("transformers.trainer")
+    frame = inspect.currentframe()
+    if trainer_module is None or frame is None:  # no Trainer was ever imported, so none is running
+        return None
+    trainer_class = trainer_module.Trainer
+    handler = None
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if handler is None and isinstance(owner, CallbackHandler) and any(c is callback for c in owner.callbacks):
+                handler = owner
+            elif handler is not None and isinstance(owner, trainer_class) and owner.callback_handler is handler:
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame  # a frame kept in a local would keep every caller's locals alive
+
+
+def find_ddp_wrapper(model: nn.Module) -> DistributedDataParallel | None:
+    """The one live `DistributedDataParallel` whose module is `model`, or None (none, or several: ambiguous).
+
+    For events fired without a Trainer (a custom loop driving a `CallbackHandler`): one pass over the objects the
+    garbage collector tracks (about 0.2 s per 500,000 objects), once per training run. `type(obj)` rather than
+    `isinstance`, which would read `__class__` on every object, and some (lazy modules, deprecated aliases) run
+    code or warn when touched.
+    """
+    found = [o for o in gc.get_objects() if issubclass(type(o), DistributedDataParallel) and o.module is model]
+    return found[0] if len(found) == 1 else None
+
+
+def ddp_mode(mode: str, wrapped: nn.Module | None, world_size: int, warn: bool = True) -> str:
+    """How to prune a model that `world_size` processes train with `wrapped` (the Trainer's `model_wrapped`, or the
+    DDP object found around the model; None: not found): `"physical"` when DDP's reducer can be rebuilt after each
+    event, `"mask"` otherwise. `mode` is `PrunerConfig.mode`; `warn` (the main process) logs why masks were chosen.
+    """
+    if wrapped is None:  # masks keep the shapes fixed, so whatever synchronises the ranks needs no rebuild
+        if mode == "physical":
+            raise ValueError(
+                f"mode='physical' with world_size={world_size} rebuilds the DDP wrapper's reducer after each event, "
+                "but no Trainer runs this callback and no DistributedDataParallel wraps the model: call "
+                "callback.attach(trainer) after creating the Trainer, or use mode='auto' (masks, shapes fixed)."
+            )
+        if mode == "auto" and warn:
+            logger.warning(
+                f"world_size={world_size}, but the callback found neither the Trainer running it nor a "
+                "DistributedDataParallel around the model: pruning with masks (shapes fixed while training, sliced "
+                "by save_pruned). Call callback.attach(trainer) after creating the Trainer to prune physically, "
+                "which makes the model faster as it shrinks."
+            )
+        return "mask"
+    if not isinstance(wrapped, DistributedDataParallel):
+        raise ValueError(
+            f"The Trainer wraps the model in {type(wrapped).__name__}: pruning while training supports "
+            "DistributedDataParallel and FSDP2 (fsdp_config={'fsdp_version': 2}). FSDP1 flattens and DeepSpeed "
+            "partitions the parameters, where heads and channels cannot be found: switch to FSDP2 or DDP."
+        )
+    if mode == "mask":
+        return "mask"
+    reason = ddp_rebuild_unsupported(wrapped)
+    if reason and mode == "physical":
+        raise ValueError(f"mode='physical' under DDP rebuilds DDP's reducer, but {reason}. Use mode='mask'.")
+    if reason:
+        if warn:
+            logger.warning(f"Pruning with masks (shapes fixed): physical pruning needs to rebuild DDP's reducer, but "
+                           f"{reason}.")  # fmt: skip
+        return "mask"
+    return "physical"

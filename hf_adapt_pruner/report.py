@@ -1,11 +1,22 @@
-"""`PruneReport`: what a prune event did, as data (JSON) and as a table."""
+"""`PruneReport`: what a prune event did, as data (JSON) and as a table; the run's event log `prune_events.json`."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging
 
 from .layout import LayerWidths
+
+
+logger = logging.get_logger(__name__)
+
+EVENTS_FILE = "prune_events.json"
 
 
 @dataclass
@@ -71,3 +82,32 @@ class PruneReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def record_event(folder: str | os.PathLike, event: dict[str, Any]) -> Path:
+    """Add one prune event to `folder/prune_events.json`, a JSON list with one object per event, and return its path.
+
+    Entries of the same or a later stage are dropped first: a fresh run in the same folder starts the list again at
+    stage 1, and a resumed run replaces the events that ran after its checkpoint. Written to a temporary file, then
+    renamed over the old one, so a reader (or a crash) never sees half a file. The per-layer widths and importances
+    live here rather than in the Trainer's logs, which show and forward scalars.
+    """
+    path = Path(folder) / EVENTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    events = []
+    if path.exists():
+        try:
+            events = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            logger.warning(f"{path} is not valid JSON ({error}): starting it again with this event.")
+    events = events if isinstance(events, list) else []
+    kept = [e for e in events if isinstance(e, dict) and e.get("stage", 0) < event["stage"]]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps([*kept, event], indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -6,7 +6,8 @@ Writes OUTPUT/result.json on rank 0: whether parameters and optimizer state were
 every prune event and at the end, the layouts, parameter counts, stage targets and losses; saves the final model with
 `save_pruned` (called on every rank, written by rank 0) and its logits on a fixed prompt. `distill` trains with a
 teacher on every rank (a frozen copy of the unpruned model), then resumes from the mid checkpoint with the original
-model passed as teacher.
+model passed as teacher. `unattached` is the unchanged user script: the callback is passed in `callbacks=[...]` and
+`callback.attach(trainer)` is never called.
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ def main() -> None:
         "params": callback._pruner.num_parameters(),
         "layout": callback._pruner.layout.to_dict(),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "found_trainer": callback._trainer is not None and callback._trainer() is trainer,
+        "first_callback": trainer.callback_handler.callbacks[0] is callback,
     }
     if mode == "distill":
         distill_logs = [{k: v for k, v in e.items() if k.startswith("distill/")} for e in trainer.state.log_history]
@@ -164,6 +167,9 @@ def main() -> None:
     if rank == 0:
         with torch.no_grad():
             torch.save(model(PROMPT).logits, output / "logits.pt")
+        result["saved_params"] = count_parameters(load_pruned(output / "final"))
+        events = json.loads((output / "run" / "prune_events.json").read_text())  # written by rank 0 only
+        result["events_file"] = [[e["stage"], e["params"]] for e in events]
         (output / "result.json").write_text(json.dumps(result, indent=2))
     dist.barrier()
 

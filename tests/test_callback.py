@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_adapt_pruner import AdaptPrunerCallback, PrunerConfig, count_parameters, load_pruned
 from hf_adapt_pruner.importance import LayerSimilarityCollector
+from hf_adapt_pruner.report import record_event
 from hf_adapt_pruner.schedule import build_schedule
 
 from tiny_models import calibration_blocks, tiny_model
@@ -60,7 +62,6 @@ def test_events_fire_on_schedule_and_hit_stage_targets(tmp_path, source):
     for stage, report, entry in zip(callback.schedule, callback.reports, logged):
         assert abs(report.params_after - stage.target_params) / stage.target_params <= 0.005
         assert entry["prune/params"] == report.params_after and entry["prune/stage_target"] == stage.target_params
-        assert "h " in entry["prune/widths"] and len(entry["prune/layer_importance"].split()) == 3
     assert count_parameters(model) == callback.reports[-1].params_after
     layout = model.config.pruned_layout
     assert all(h % kv == 0 for h, kv in zip(layout["num_attention_heads"], layout["num_key_value_heads"]))
@@ -144,3 +145,65 @@ def test_resuming_with_the_unpruned_model_gives_a_clear_error(tmp_path):
     again = make_trainer(tmp_path / "again", fresh, AdaptPrunerCallback(make_config()))
     with pytest.raises(ValueError, match="load_pruned"):
         again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+
+
+def test_logs_are_scalars_and_per_layer_data_goes_to_the_events_file(tmp_path):
+    model = tiny_model("llama", gqa_ratio=3).train()
+    callback = AdaptPrunerCallback(make_config())
+    trainer = make_trainer(tmp_path, model, callback, logging_steps=1)
+    trainer.train()
+    assert all(isinstance(v, (int, float)) for entry in trainer.state.log_history for v in entry.values())
+    events = json.loads((tmp_path / "run" / "prune_events.json").read_text())
+    assert [e["step"] for e in events] == [s.step for s in callback.schedule] and [e["stage"] for e in events] == [
+        1,
+        2,
+        3,
+    ]
+    for event, report in zip(events, callback.reports):  # the widths after each event, one entry per layer
+        assert event["params"] == report.params_after and event["params_before"] == report.params_before
+        assert event["num_attention_heads"] == [layer.after.num_attention_heads for layer in report.layers]
+        assert event["num_key_value_heads"] == [layer.after.num_key_value_heads for layer in report.layers]
+        assert event["intermediate_size"] == [layer.after.intermediate_size for layer in report.layers]
+        assert event["layer_importance"] == pytest.approx(report.layer_importance, abs=1e-6)
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        assert events[-1][key] == model.config.pruned_layout[key]  # the trained model's layout
+    assert len(events[0]["num_attention_heads"]) == model.config.num_hidden_layers
+
+
+def test_the_events_file_restarts_with_a_new_run_and_continues_a_resumed_one(tmp_path):
+    def stages():
+        return [(e["stage"], e["run"]) for e in json.loads((tmp_path / "prune_events.json").read_text())]
+
+    for stage in (1, 2, 3):
+        record_event(tmp_path, {"stage": stage, "run": "first"})
+    record_event(tmp_path, {"stage": 2, "run": "resumed"})  # resumed from a checkpoint after stage 1
+    assert stages() == [(1, "first"), (2, "resumed")]
+    record_event(tmp_path, {"stage": 1, "run": "new"})  # a new run in the same output_dir
+    assert stages() == [(1, "new")] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_other_ranks_write_no_events_file(tmp_path):
+    callback = AdaptPrunerCallback(make_config(num_stages=2))
+    with mock.patch.object(Trainer, "is_world_process_zero", return_value=False):  # as on rank 1
+        trainer = make_trainer(tmp_path, tiny_model("llama").train(), callback, max_steps=12)
+        trainer.train()
+    assert len(callback.reports) == 2 and not (tmp_path / "run" / "prune_events.json").exists()
+    assert [h["prune/stage"] for h in trainer.state.log_history if "prune/stage" in h] == [1, 2]  # logs as usual
+
+
+def test_tensorboard_gets_the_scalars_and_a_table_per_event(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callback = AdaptPrunerCallback(make_config(num_stages=2))
+    Trainer(model=tiny_model("llama").train(), train_dataset=DATA, callbacks=[callback],
+            args=TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4,
+                                   report_to=["tensorboard"], use_cpu=True, logging_steps=5, save_strategy="no",
+                                   disable_tqdm=True)).train()  # fmt: skip
+    runs = [p.parent for p in (tmp_path / "run").rglob("events.out.tfevents.*")]
+    events = EventAccumulator(str(runs[0]), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    steps = [s.step for s in callback.schedule]
+    assert [e.step for e in events.Scalars("train/prune/params")] == steps  # the callback runs first, unattached
+    tables = events.Tensors("prune/layers/text_summary")
+    assert [t.step for t in tables] == steps
+    assert "| layer | importance | heads | kv heads | intermediate |" in tables[-1].tensor_proto.string_val[0].decode()

@@ -16,6 +16,7 @@ from test_serialization import load_in_fresh_process
 
 
 JOB = Path(__file__).parent / "distributed_job.py"
+DDP_RUNS = ["ddp_run", "accelerate_run", "unattached_run", "accelerate_unattached_run"]  # physical pruning
 FSDP_JOB = Path(__file__).parent / "fsdp_job.py"
 
 
@@ -49,6 +50,16 @@ def accelerate_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def unattached_run(tmp_path_factory):  # the user's script unchanged: callbacks=[...], no callback.attach(trainer)
+    return run_job(tmp_path_factory, "unattached")
+
+
+@pytest.fixture(scope="module")
+def accelerate_unattached_run(tmp_path_factory):
+    return run_job(tmp_path_factory, "unattached", launcher=ACCELERATE)
+
+
+@pytest.fixture(scope="module")
 def distill_run(tmp_path_factory):
     return run_job(tmp_path_factory, "distill")  # a teacher per rank, then a resume with the original as teacher
 
@@ -63,7 +74,7 @@ def fsdp_run(request, tmp_path_factory):
     return run_job(tmp_path_factory, request.param, FSDP_JOB)  # importance from training or calibration batches
 
 
-@pytest.mark.parametrize("run", ["ddp_run", "accelerate_run", "mask_run", "distill_run"])
+@pytest.mark.parametrize("run", [*DDP_RUNS, "mask_run", "distill_run"])
 def test_ranks_stay_bit_identical_through_prune_events(run, request):
     _, result = request.getfixturevalue(run)
     assert [c["step"] for c in result["checks"]] == [2, 9]
@@ -73,19 +84,27 @@ def test_ranks_stay_bit_identical_through_prune_events(run, request):
         assert abs(check["params"] - target) <= 0.01 * target
     assert result["checks"][0]["params"] > result["checks"][1]["params"] == result["params"]
     assert all(torch.isfinite(torch.tensor(result["losses"])))
+    assert result["events_file"] == [[1, result["checks"][0]["params"]], [2, result["params"]]]
 
 
-@pytest.mark.parametrize("run", ["ddp_run", "accelerate_run", "mask_run"])
+@pytest.mark.parametrize("run", [*DDP_RUNS, "mask_run"])
 def test_saved_model_loads_in_a_fresh_process_with_equal_logits(run, request):
-    output, _ = request.getfixturevalue(run)
+    output, result = request.getfixturevalue(run)
     expected = torch.load(output / "logits.pt")  # the trained (masked) model's, on test_serialization.INPUT
     loaded = load_in_fresh_process(output / "final")
     torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, atol=1e-5, rtol=0)
     checkpoint = json.loads((output / "run" / "checkpoint-12" / "config.json").read_text())
+    assert result["saved_params"] == result["params"]  # the saved model is at the last stage's target
     if run != "mask_run":
         assert checkpoint["model_type"] == "adapt_pruned_llama"  # Trainer checkpoints are pruned models too
     else:  # full-size stock checkpoints that carry their masks; save_pruned slices them
         assert checkpoint["model_type"] == "llama" and "pruned_mask" in checkpoint
+
+
+@pytest.mark.parametrize("run", ["unattached_run", "accelerate_unattached_run"])
+def test_unattached_callback_finds_the_trainer_and_goes_first(run, request):
+    _, result = request.getfixturevalue(run)  # physical pruning (checked above) needs the DDP wrapper
+    assert result["found_trainer"] and result["first_callback"]
 
 
 def test_mask_mode_keeps_masked_weights_at_zero(mask_run):
@@ -134,7 +153,6 @@ def test_fsdp2_save_gathers_and_slices_with_equal_logits(fsdp_run):
     ("mode", "message", "job"),
     [
         ("disagree", "chose other heads or channels than rank 0", JOB),
-        ("unattached", "call callback.attach(trainer)", JOB),
         ("physical", "mode='physical' cannot resize sharded parameters (FSDP2)", FSDP_JOB),
     ],
 )
