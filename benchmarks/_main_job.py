@@ -100,10 +100,10 @@ def spec(args, method: str, seed: int, stages: int, steps: int, temperature: flo
     return Spec(method=method, seed=seed, stages=stages, steps=steps, **common)
 
 
-def train(model, blocks, spec: Spec, callback) -> dict:
+def train(model, blocks, spec: Spec, callback, output_dir: str) -> dict:
     """The main example's Trainer run; returns step times, peak memory and wall time."""
     training_args = TrainingArguments(
-        output_dir="/tmp/hf_adapt_pruner_bench", max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
+        output_dir=output_dir, max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
         learning_rate=spec.learning_rate, warmup_steps=max(1, spec.steps // 20),
         lr_scheduler_type="warmup_stable_decay",
         lr_scheduler_kwargs={"num_decay_steps": max(1, round(spec.recovery_fraction * spec.steps))},
@@ -143,7 +143,9 @@ def one_run(spec: Spec, task: ClozeTask) -> dict:
         config = PrunerConfig(target_ratio=0.7, num_stages=spec.stages, importance_window=2 if spec.smoke else 4,
                               recovery_fraction=spec.recovery_fraction, inner_steps=5, calibration_samples=16,
                               calibration_seq_len=spec.seq_len)  # fmt: skip
-        row |= train(model, train_blocks, spec, AdaptPrunerCallback(config, distillation=distillation))
+        with tempfile.TemporaryDirectory() as output_dir:  # its own prune_events.json (runs may be concurrent)
+            callback = AdaptPrunerCallback(config, distillation=distillation)
+            row |= train(model, train_blocks, spec, callback, output_dir)
     row |= {"params": count_parameters(model), "ppl_in_domain": perplexity(model, in_domain),
             "ppl_other_source": perplexity(model, other_source_blocks(tokenizer, spec))}  # fmt: skip
     inputs = tokenizer(PROMPT[spec.smoke], return_tensors="pt")
