@@ -14,15 +14,13 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.slow  # subprocess runs of whole scripts, 13-70 s each: CI runs them (CI=true), the quick command not
 @pytest.mark.parametrize(
     ("script", "key"),
-    [("one_shot_quality", "mean_perplexity"), pytest.param("one_shot_cost", "rows", marks=pytest.mark.slow),
-     pytest.param("taylor_scale", "first_removal", marks=pytest.mark.slow),
-     pytest.param("main_job_allocation", "rows", marks=pytest.mark.slow), ("inference_speed", "rows"),
-     ("callback_overhead", "runs"),
+    [("one_shot_quality", "mean_perplexity"), ("one_shot_cost", "rows"), ("taylor_scale", "first_removal"),
+     ("main_job_allocation", "rows"), ("inference_speed", "rows"), ("callback_overhead", "runs"),
      ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs"),
-     ("gguf_serving", "rows"), ("distillation", "summary"),
-     pytest.param("stages_budget", "summary", marks=pytest.mark.slow)],
+     ("gguf_serving", "rows"), ("distillation", "summary"), ("stages_budget", "summary")],
 )  # fmt: skip
 def test_benchmark_smoke(script, key, tmp_path):
     if script == "gguf_serving" and importlib.util.find_spec("llama_cpp") is None:
