@@ -22,7 +22,7 @@ from .distillation import DistillationConfig, Distiller
 from .distributed import ddp_mode, find_ddp_wrapper, rebuild_ddp_reducer, running_trainer
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
 from .pruner import AdaptivePruner
-from .report import PruneReport, record_event
+from .report import PruneReport, TensorBoardTables, record_event
 from .schedule import Stage, build_schedule
 from .scorers import CalibrationScorer, StaticScorer
 from .sharding import has_sharded_parameters
@@ -105,7 +105,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._collector: LayerSimilarityCollector | None = None
         self._scores: list[GroupScores] | None = None
         self._pending_logs: dict[str, Any] = {}
-        self._pending_tables: list[tuple[int, str]] = []  # (step, Markdown) for TensorBoard, sent in on_log
+        self._tables = TensorBoardTables()  # per-layer tables of the events, sent in on_log
         self._hooked_model = None
         self._progress = True
         self._trainer = None  # weak reference, set by attach()
@@ -373,33 +373,12 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             "layer_importance": [round(v, 6) for v in report.layer_importance],
             "sparsity": [round(v, 6) for v in layout.sparsity],
         })  # fmt: skip
-        if self._tensorboard_callbacks():
-            self._pending_tables.append((state.global_step, report.table()))
-
-    def _tensorboard_callbacks(self) -> list:
-        """The `report_to="tensorboard"` callbacks of the Trainer running this one."""
-        from transformers.integrations import TensorBoardCallback
-
-        trainer = self._trainer() if self._trainer is not None else None
-        callbacks = trainer.callback_handler.callbacks if trainer is not None else []
-        return [c for c in callbacks if isinstance(c, TensorBoardCallback)]
-
-    def _send_tables(self) -> None:
-        """Per-layer tables of past events to TensorBoard once its writers are open (by the first log, also for an
-        event at step 0 that ran before TensorBoard's `on_train_begin`). Markdown: its Text tab shows a table."""
-        writers = [c.tb_writer for c in self._tensorboard_callbacks() if c.tb_writer is not None]
-        if not writers:
-            return  # kept for a later log
-        for step, table in self._pending_tables:
-            for writer in writers:
-                writer.add_text("prune/layers", table, step)
-        self._pending_tables = []
+        self._tables.add(self._trainer() if self._trainer is not None else None, state.global_step, report.table())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and self._distiller is not None and self._distiller.active:
             self._pending_logs.update(self._distiller.pop_logs())  # a training log: every rank gets here
-        if self._pending_tables:
-            self._send_tables()
+        self._tables.send(self._trainer() if self._trainer is not None else None)
         if not self._pending_logs or logs is None:
             return
         logs.update(self._pending_logs)

@@ -111,3 +111,32 @@ def record_event(folder: str | os.PathLike, event: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class TensorBoardTables:
+    """Per-layer tables of prune events for the `report_to="tensorboard"` callbacks of a Trainer, sent to their Text
+    tab (Markdown) once their writers are open: by the first log, also for an event at step 0 that ran before
+    TensorBoard's `on_train_begin`. Other integrations take tables only through their own modules."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, str]] = []  # (step, Markdown)
+
+    @staticmethod
+    def _callbacks(trainer) -> list:
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks = trainer.callback_handler.callbacks if trainer is not None else []
+        return [c for c in callbacks if isinstance(c, TensorBoardCallback)]
+
+    def add(self, trainer, step: int, table: str) -> None:
+        if self._callbacks(trainer):
+            self.pending.append((step, table))
+
+    def send(self, trainer) -> None:
+        writers = [c.tb_writer for c in self._callbacks(trainer) if c.tb_writer is not None]
+        if not self.pending or not writers:
+            return  # kept for a later log
+        for step, table in self.pending:
+            for writer in writers:
+                writer.add_text("prune/layers", table, step)
+        self.pending = []
