@@ -68,8 +68,11 @@ class Spec:
         return 32 if self.smoke else 128
 
     def key(self) -> tuple:
-        """What makes two runs the same run (a row measured for one benchmark serves another)."""
-        return tuple(v for k, v in dataclasses.asdict(self).items() if k not in ("text_dir", "other_text_dir"))
+        """What makes two runs the same run (a row measured for one benchmark serves another); the original model
+        is not trained, so its training settings do not count."""
+        untrained = ("stages", "steps", "temperature", "learning_rate", "recovery_fraction", "batch_size")
+        ignored = ("text_dir", "other_text_dir", *(untrained if self.method == "original" else ()))
+        return tuple(v for k, v in dataclasses.asdict(self).items() if k not in ignored)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
