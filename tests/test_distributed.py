@@ -17,6 +17,14 @@ from test_serialization import load_in_fresh_process
 
 JOB = Path(__file__).parent / "distributed_job.py"
 DDP_RUNS = ["ddp_run", "accelerate_run", "unattached_run", "accelerate_unattached_run"]  # physical pruning
+# Covered in the quick run by ddp_run (torchrun) and accelerate_unattached_run (accelerate, no attach); CI runs all
+SLOW_RUNS = {"accelerate_run", "unattached_run"}
+
+
+def runs(*names: str) -> list:
+    return [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_RUNS else name for name in names]
+
+
 FSDP_JOB = Path(__file__).parent / "fsdp_job.py"
 
 
@@ -69,12 +77,12 @@ def mask_run(tmp_path_factory):
     return run_job(tmp_path_factory, "mask")
 
 
-@pytest.fixture(scope="module", params=["training", "calibration"])
+@pytest.fixture(scope="module", params=["training", pytest.param("calibration", marks=pytest.mark.slow)])
 def fsdp_run(request, tmp_path_factory):
     return run_job(tmp_path_factory, request.param, FSDP_JOB)  # importance from training or calibration batches
 
 
-@pytest.mark.parametrize("run", [*DDP_RUNS, "mask_run", "distill_run"])
+@pytest.mark.parametrize("run", runs(*DDP_RUNS, "mask_run", "distill_run"))
 def test_ranks_stay_bit_identical_through_prune_events(run, request):
     _, result = request.getfixturevalue(run)
     assert [c["step"] for c in result["checks"]] == [2, 9]
@@ -87,7 +95,7 @@ def test_ranks_stay_bit_identical_through_prune_events(run, request):
     assert result["events_file"] == [[1, result["checks"][0]["params"]], [2, result["params"]]]
 
 
-@pytest.mark.parametrize("run", [*DDP_RUNS, "mask_run"])
+@pytest.mark.parametrize("run", runs(*DDP_RUNS, "mask_run"))
 def test_saved_model_loads_in_a_fresh_process_with_equal_logits(run, request):
     output, result = request.getfixturevalue(run)
     expected = torch.load(output / "logits.pt")  # the trained (masked) model's, on test_serialization.INPUT
@@ -101,7 +109,7 @@ def test_saved_model_loads_in_a_fresh_process_with_equal_logits(run, request):
         assert checkpoint["model_type"] == "llama" and "pruned_mask" in checkpoint
 
 
-@pytest.mark.parametrize("run", ["unattached_run", "accelerate_unattached_run"])
+@pytest.mark.parametrize("run", runs("unattached_run", "accelerate_unattached_run"))
 def test_unattached_callback_finds_the_trainer_and_goes_first(run, request):
     _, result = request.getfixturevalue(run)  # physical pruning (checked above) needs the DDP wrapper
     assert result["found_trainer"] and result["first_callback"]
@@ -112,7 +120,7 @@ def test_mask_mode_keeps_masked_weights_at_zero(mask_run):
     assert result["masked_zero_every_step"]
 
 
-@pytest.mark.parametrize("run", ["ddp_run", "accelerate_run", "distill_run"])
+@pytest.mark.parametrize("run", runs("ddp_run", "accelerate_run", "distill_run"))
 def test_resume_under_ddp_ends_with_the_same_layout(run, request):
     _, result = request.getfixturevalue(run)
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
@@ -153,7 +161,9 @@ def test_fsdp2_save_gathers_and_slices_with_equal_logits(fsdp_run):
     ("mode", "message", "job"),
     [
         ("disagree", "chose other heads or channels than rank 0", JOB),
-        ("physical", "mode='physical' cannot resize sharded parameters (FSDP2)", FSDP_JOB),
+        pytest.param(
+            "physical", "mode='physical' cannot resize sharded parameters (FSDP2)", FSDP_JOB, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_clear_errors_stop_every_rank(mode, message, job, tmp_path):
