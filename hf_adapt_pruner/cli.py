@@ -238,13 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logger = logging.get_logger("hf_adapt_pruner")
     logger.setLevel("INFO")
-    logger.addHandler(logging_module.StreamHandler(sys.stderr))
+    handler = logging_module.StreamHandler(sys.stderr)
+    logger.addHandler(handler)
     torch.manual_seed(0)
     try:
         result = {"prune": _prune, "eval": _eval, "export": _export}[args.command](args)
     except (ValueError, TypeError, OSError) as error:  # bad input: the message says what to change
         print(f"hf-adapt-pruner: error: {error}", file=sys.stderr)
         return 2
+    finally:  # main() called in-process (tests, notebooks) must not leave a handler on a stream that may close
+        logger.removeHandler(handler)
     print(json.dumps(result, indent=2))
     return 0
 
