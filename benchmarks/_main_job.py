@@ -69,9 +69,10 @@ class Spec:
 
     def key(self) -> tuple:
         """What makes two runs the same run (a row measured for one benchmark serves another); the original model
-        is not trained, so its training settings do not count."""
+        is not trained, so its training settings do not count, and the LM loss has no temperature."""
         untrained = ("stages", "steps", "temperature", "learning_rate", "recovery_fraction", "batch_size")
-        ignored = ("text_dir", "other_text_dir", *(untrained if self.method == "original" else ()))
+        ignored = ("text_dir", "other_text_dir", *(untrained if self.method == "original" else ()),
+                   *(("temperature",) if self.method == "lm" else ()))  # fmt: skip
         return tuple(v for k, v in dataclasses.asdict(self).items() if k not in ignored)
 
 

@@ -60,6 +60,21 @@ def test_cheap_channels_keep_every_kv_group():
     assert 0 <= removed - 0.3 * SMOL.prunable_base(config()) < 8 * SMOL.channel_cost  # within one round_to block
 
 
+def test_mlp_is_not_cut_past_halfway_from_the_layers_sparsity_to_one():
+    plan = ScorePlan(SMOL, SMOL.base, scores(kv_group=10.0, channel=1.0), config())
+    # At 0.5 every kv group stays: 512 channels are more than the line, 1536 - floor(0.75 * 1536) = 384.
+    assert plan.widths(0.5).as_tuple() == (9, 3, 512)
+    # At 0.62 keeping every kv group leaves 264 channels, under the line of 292: one kv group goes instead.
+    widths = plan.widths(0.62)
+    assert widths.num_key_value_heads == 2 and widths.intermediate_size >= 292
+    assert SMOL.params(widths) <= 0.38 * SMOL.params(SMOL.base)
+    assert SMOL.params(widths) > 0.38 * SMOL.params(SMOL.base) - 8 * SMOL.channel_cost  # no deeper than needed
+    # When the attention share is used up, the budget wins over the line (1536 - floor(0.95 * 1536) = 77).
+    widths = plan.widths(0.9)
+    assert widths.num_key_value_heads == 1 and widths.intermediate_size < 77
+    assert SMOL.params(widths) <= 0.1 * SMOL.params(SMOL.base)
+
+
 def test_layer_meets_its_budget_at_every_sparsity():
     plan = ScorePlan(SMOL, SMOL.base, scores(kv_group=1.0, channel=1.2), config())
     for s in torch.linspace(0.0, 0.99, 100).tolist():
