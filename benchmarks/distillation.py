@@ -2,13 +2,13 @@
 
 The main example's job (SmolLM2-135M -> keep 0.7 in 4 prune events, 80 steps x 4 x 128 tokens of python3.11-doc, WSD
 learning rate 2e-4) is trained with the LM loss only and with `DistillationConfig(alpha=a, temperature=T)` for each
-alpha (default 0.5 and 1.0, T = 1), for each seed (data order). Each run and what it measures (perplexity in and out
-of the training domain, a zero-shot cloze task through lm-eval, step time, teacher time, peak memory) is described
-in `_main_job.py`.
+`--distill ALPHA:T` (default alpha 0.5 and 1.0 at T = 1), for each seed (data order). Each run and what it measures
+(perplexity in and out of the training domain, a zero-shot cloze task through lm-eval, step time, teacher time, peak
+memory) is described in `_main_job.py`.
 
 About 1 hour on 2 CPU cores with the defaults (7 runs); `--smoke` runs the same pipeline on a tiny random model.
 
-    python benchmarks/distillation.py [--smoke] [--seeds 0 1] [--alphas 0.5 1.0] [--temperature 1.0] [--jobs 2]
+    python benchmarks/distillation.py [--smoke] [--seeds 0 1] [--distill 0.5:1 1.0:1 0.5:2] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -22,33 +22,43 @@ from _main_job import add_arguments, run_all, spec
 def arguments():
     p = parser(__doc__.split("\n")[0])
     add_arguments(p)
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0])
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--distill", type=alpha_and_temperature, nargs="+", default=[(0.5, 1.0), (1.0, 1.0)],
+                   metavar="ALPHA:T", help="Distilled runs, e.g. 0.5:1 (alpha 0.5, temperature 1).")  # fmt: skip
     p.add_argument("--max-steps", type=int, default=80)
     p.add_argument("--num-stages", type=int, default=4)
     args = p.parse_args()
     if args.smoke:
-        args.seeds, args.alphas, args.max_steps, args.num_stages = args.seeds[:1], args.alphas[-1:], 8, 2
+        args.seeds, args.distill, args.max_steps, args.num_stages = args.seeds[:1], args.distill[-1:], 8, 2
     return args
 
 
-def summarize(rows: list[dict], args) -> dict:
-    def mean(run: str, key: str) -> float:
-        values = [r[key] if key != "cloze" else r["cloze"]["acc"] for r in rows if r["run"] == run]
-        return statistics.mean(values)
+def alpha_and_temperature(text: str) -> tuple[float, float]:
+    alpha, _, temperature = text.partition(":")
+    return float(alpha), float(temperature or 1.0)
 
-    methods = {"lm": "LM loss only", **{str(a): f"distillation, alpha {a}" for a in args.alphas}}
-    summary = {}
-    for run, label in methods.items():
-        summary[label] = {key: mean(run, key) for key in ("ppl_in_domain", "ppl_other_source", "cloze",
-                                                          "median_step_s", "rss_peak_train_bytes")}  # fmt: skip
+
+def methods(args) -> dict[tuple[str, float], str]:
+    """(run, temperature) -> label; the LM loss has no temperature."""
+    distilled = {(str(a), t): f"distillation, alpha {a}, T {t:g}" for a, t in args.distill}
+    return {("lm", 1.0): "LM loss only", **distilled}
+
+
+def summarize(rows: list[dict], args) -> dict:
+    def mean(run: str, temperature: float, key: str) -> float:
+        chosen = [r for r in rows if r["run"] == run and (run == "lm" or r["spec"]["temperature"] == temperature)]
+        return statistics.mean(r[key] if key != "cloze" else r["cloze"]["acc"] for r in chosen)
+
+    labels = methods(args)
+    keys = ("ppl_in_domain", "ppl_other_source", "cloze", "median_step_s", "rss_peak_train_bytes")
+    summary = {label: {key: mean(run, t, key) for key in keys} for (run, t), label in labels.items()}
     lm = summary["LM loss only"]
-    for label in methods.values():
+    for label in labels.values():
         entry = summary[label]
         entry["other_source_ppl_reduction_vs_lm"] = 1 - entry["ppl_other_source"] / lm["ppl_other_source"]
         entry["step_time_overhead_vs_lm"] = entry["median_step_s"] / lm["median_step_s"] - 1
         entry["peak_memory_over_lm_bytes"] = entry["rss_peak_train_bytes"] - lm["rss_peak_train_bytes"]
-    best = max((summary[methods[str(a)]] for a in args.alphas), key=lambda e: e["other_source_ppl_reduction_vs_lm"])
+    best = max((summary[label] for key, label in labels.items() if key[0] != "lm"),
+               key=lambda e: e["other_source_ppl_reduction_vs_lm"])  # fmt: skip
     return {"by_method": summary, "best_other_source_reduction": best["other_source_ppl_reduction_vs_lm"],
             "target_met": best["other_source_ppl_reduction_vs_lm"] >= 0.30}  # fmt: skip
 
@@ -56,14 +66,15 @@ def summarize(rows: list[dict], args) -> dict:
 def main() -> None:
     args = arguments()
     specs = [spec(args, "original", args.seeds[0], args.num_stages, args.max_steps)]
-    specs += [spec(args, method, seed, args.num_stages, args.max_steps, args.temperature)
-              for seed in args.seeds for method in ["lm", *map(str, args.alphas)]]  # fmt: skip
+    specs += [spec(args, run, seed, args.num_stages, args.max_steps, temperature)
+              for seed in args.seeds for run, temperature in methods(args)]  # fmt: skip
     rows, task = run_all(args, specs)
     original = rows[0]
     write("distillation", args, {
         "model": original["model"], "target_ratio": 0.7, "steps": args.max_steps, "stages": args.num_stages,
-        "batch": f"{specs[0].batch_size} x {specs[0].seq_len} tokens", "seeds": args.seeds, "alphas": args.alphas,
-        "temperature": args.temperature, "train_tokens": args.max_steps * specs[0].batch_size * specs[0].seq_len,
+        "batch": f"{specs[0].batch_size} x {specs[0].seq_len} tokens", "seeds": args.seeds,
+        "distill": [{"alpha": a, "temperature": t} for a, t in args.distill],
+        "train_tokens": args.max_steps * specs[0].batch_size * specs[0].seq_len,
         "eval_tokens": specs[0].eval_blocks * specs[0].seq_len, "cloze": {"questions": task.num_questions,
         "choices": task.num_choices, "context_words": 40, "continuation_words": 8},
         "rows": rows, "summary": summarize(rows[1:], args),

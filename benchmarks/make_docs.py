@@ -253,14 +253,20 @@ def serving_section(result: dict, docs: Path) -> list[str]:
     return [*lines, ""]
 
 
+def distill_settings(result: dict) -> str:
+    """The distilled runs, e.g. "alpha 0.5 at T 1" (results before `--distill` had `alphas` and one `temperature`)."""
+    runs = result.get("distill") or [{"alpha": a, "temperature": result["temperature"]} for a in result["alphas"]]
+    return ", ".join(f"alpha {r['alpha']} at T {r['temperature']:g}" for r in runs)
+
+
 def distillation_section(result: dict, docs: Path) -> list[str]:
     gib, summary = 1024**3, result["summary"]
     cloze = result["cloze"]
     lines = ["## Distillation from the unpruned teacher", "", header(result),
              f"Keep {result['target_ratio']} in {result['stages']} events over {result['steps']} steps of "
              f"{result['batch']} ({result['train_tokens']:,} tokens of python3.11-doc), seeds {result['seeds']}, "
-             f"temperature {result['temperature']}. Perplexity on {result['eval_tokens']:,} held-out tokens of the "
-             f"training domain and of git-doc (never trained on); zero-shot cloze accuracy on {cloze['questions']} "
+             f"{distill_settings(result)}. Perplexity on {result['eval_tokens']:,} held-out tokens of the training "
+             f"domain and of git-doc (never trained on); zero-shot cloze accuracy on {cloze['questions']} "
              f"{cloze['choices']}-way questions from git-doc prose (lm-eval, local task; chance "
              f"{1 / cloze['choices']:.0%}). {result['note']}", "",
              "| run | seed | parameters | ppl python-doc | ppl git-doc | cloze acc | median step s | teacher s/step "
@@ -268,9 +274,10 @@ def distillation_section(result: dict, docs: Path) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     names = {"original": "original (no training)", "lm": "LM loss only"}
     for r in result["rows"]:
+        run = names.get(r["run"]) or f"distillation, alpha {r['run']}, T {r['spec']['temperature']:g}"
         step = f"{r['median_step_s']:.2f} | {r['teacher_seconds_per_step']:.2f} | " \
                f"{r['rss_peak_train_bytes'] / gib:.2f}" if "median_step_s" in r else "— | — | —"  # fmt: skip
-        lines.append(f"| {names.get(r['run'], 'distillation, alpha ' + r['run'])} | {r['seed']} | {r['params']:,} | "
+        lines.append(f"| {run} | {r['seed']} | {r['params']:,} | "
                      f"{r['ppl_in_domain']:.2f} | {r['ppl_other_source']:.2f} | {r['cloze']['acc']:.3f} ± "
                      f"{r['cloze']['acc_stderr']:.3f} | {step} |")  # fmt: skip
     lines += ["", "Means over seeds; changes against the LM loss alone:", "",
