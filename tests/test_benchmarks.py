@@ -17,7 +17,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.slow  # subprocess runs of whole scripts, 13-70 s each: CI runs them (CI=true), the quick command not
 @pytest.mark.parametrize(
     ("script", "key"),
-    [("one_shot_quality", "mean_perplexity"), ("one_shot_cost", "rows"), ("taylor_scale", "first_removal"),
+    [("one_shot_quality", "mean_perplexity"), ("one_shot_cost", "rows"), ("one_shot_time", "mean_seconds"),
+     ("taylor_scale", "first_removal"),
      ("main_job_allocation", "rows"), ("inference_speed", "rows"), ("callback_overhead", "runs"),
      ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs"),
      ("gguf_serving", "rows"), ("distillation", "summary"), ("stages_budget", "summary")],
