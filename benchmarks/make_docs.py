@@ -118,7 +118,7 @@ def one_shot_time_section(result: dict, docs: Path) -> list[str]:
             f"`prune_model` to keep {result['target_ratio']} with the defaults ({config['inner_steps']} inner steps x "
             f"{config['calibration_samples']} x {config['calibration_seq_len']}-token sequences), nothing else "
             f"running, loading excluded: {seeds(result['rows'], 'prune_seconds')} s (seeds "
-            f"{[r['seed'] for r in result['rows']]}).", ""]  # fmt: skip
+            f"{[r['seed'] for r in result['rows']]}). {result.get('note', '')}", ""]  # fmt: skip
 
 
 def main_job_allocation_section(result: dict, docs: Path) -> list[str]:
