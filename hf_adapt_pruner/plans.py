@@ -262,11 +262,10 @@ class ScorePlan:
         if chosen.intermediate_size >= keep_at_least:
             return chosen
         attention_cost = [0, *itertools.accumulate(unit.cost for unit in self.attention)]
-        mlp_cost = [0, *itertools.accumulate(unit.cost for unit in self.mlp)]
         gone = self._attention_units_of(self.current) - self._attention_units_of(chosen)
         for a in range(gone + 1, cap + 1):
-            m = bisect_left(mlp_cost, need - attention_cost[a])
-            if m < len(mlp_cost) and self.current.intermediate_size - self.mlp_removed[m] >= keep_at_least:
+            m = bisect_left(self.mlp_removed, (need - attention_cost[a]) / self.geometry.channel_cost)
+            if m < len(self.mlp_removed) and self.current.intermediate_size - self.mlp_removed[m] >= keep_at_least:
                 return self._widths(a, m)
         return chosen  # no attention unit left to give: the budget wins over the MLP's line
 
