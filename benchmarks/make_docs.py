@@ -263,9 +263,8 @@ def serving_section(result: dict, docs: Path) -> list[str]:
 
 
 def distill_settings(result: dict) -> str:
-    """The distilled runs, e.g. "alpha 0.5 at T 1" (results before `--distill` had `alphas` and one `temperature`)."""
-    runs = result.get("distill") or [{"alpha": a, "temperature": result["temperature"]} for a in result["alphas"]]
-    return ", ".join(f"alpha {r['alpha']} at T {r['temperature']:g}" for r in runs)
+    """The distilled runs, e.g. "alpha 0.5 at T 1"."""
+    return ", ".join(f"alpha {r['alpha']} at T {r['temperature']:g}" for r in result["distill"])
 
 
 def distillation_section(result: dict, docs: Path) -> list[str]:
