@@ -59,6 +59,7 @@ class Spec:
     learning_rate: float = 2e-4
     recovery_fraction: float = 0.2
     eval_blocks: int = 48
+    bf16: bool = False  # train under bfloat16 autocast (evaluation stays float32)
     smoke: bool = False
     text_dir: str = TEXT_DIR
     other_text_dir: str = OTHER_TEXT_DIR
@@ -70,7 +71,7 @@ class Spec:
     def key(self) -> tuple:
         """What makes two runs the same run (a row measured for one benchmark serves another); the original model
         is not trained, so its training settings do not count, and the LM loss has no temperature."""
-        untrained = ("stages", "steps", "temperature", "learning_rate", "recovery_fraction", "batch_size")
+        untrained = ("stages", "steps", "temperature", "learning_rate", "recovery_fraction", "batch_size", "bf16")
         ignored = ("text_dir", "other_text_dir", *(untrained if self.method == "original" else ()),
                    *(("temperature",) if self.method == "lm" else ()))  # fmt: skip
         return tuple(v for k, v in dataclasses.asdict(self).items() if k not in ignored)
@@ -89,6 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float, default=2e-4)
     p.add_argument("--recovery-fraction", type=float, default=0.2)
     p.add_argument("--eval-blocks", type=int, default=48)
+    p.add_argument("--bf16", action="store_true", help="Train under bfloat16 autocast (fast on CPUs with AMX).")
     p.add_argument("--questions", type=int, default=300)
     p.add_argument("--reuse", type=Path, nargs="*", default=[],
                    help="Result JSONs whose rows of an identical spec are taken instead of run again.")  # fmt: skip
@@ -98,7 +100,7 @@ def spec(args, method: str, seed: int, stages: int, steps: int, temperature: flo
     """A run of `method` with the common command-line settings (smoke shrinks everything)."""
     common = dict(batch_size=args.batch_size, learning_rate=args.learning_rate, text_dir=args.text_dir,
                   recovery_fraction=args.recovery_fraction, eval_blocks=args.eval_blocks,
-                  other_text_dir=args.other_text_dir, temperature=temperature)  # fmt: skip
+                  other_text_dir=args.other_text_dir, temperature=temperature, bf16=args.bf16)  # fmt: skip
     if args.smoke:
         common |= dict(batch_size=2, eval_blocks=4, smoke=True)
     return Spec(method=method, seed=seed, stages=stages, steps=steps, **common)
@@ -112,6 +114,7 @@ def train(model, blocks, spec: Spec, callback, output_dir: str) -> dict:
         lr_scheduler_type="warmup_stable_decay",
         lr_scheduler_kwargs={"num_decay_steps": max(1, round(spec.recovery_fraction * spec.steps))},
         report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=spec.seed, logging_steps=10,
+        bf16=spec.bf16,
     )  # fmt: skip
     timer = StepTimer()
     data = [{"input_ids": b, "labels": b} for b in blocks]
