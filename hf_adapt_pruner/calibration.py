@@ -126,7 +126,7 @@ def pack_sequences(rows: Iterable[torch.Tensor], seq_len: int, eos: int | None, 
             continue
         pieces.append(row)
         if eos is not None and int(row[-1]) != eos:
-            pieces.append(torch.tensor([eos]))
+            pieces.append(torch.tensor([eos], device=row.device))
     stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
     n_blocks = len(stream) // seq_len if max_blocks is None else min(len(stream) // seq_len, max_blocks)
     if n_blocks == 0:
@@ -268,7 +268,7 @@ class Reader:
             if mask.shape != row.shape:
                 raise ValueError(f"calibration row {k}: 'attention_mask' has shape {tuple(mask.shape)} but "
                                  f"'input_ids' has {tuple(row.shape)}: give one mask entry per token.")  # fmt: skip
-            row = row[mask.bool()]  # padding dropped: the sequence is what remains
+            row = row[mask.to(row.device).bool()]  # padding dropped: the sequence is what remains
         return row
 
     def sequences(self, items: Iterable[torch.Tensor]) -> torch.Tensor:
