@@ -113,12 +113,16 @@ def one_shot_cost_section(result: dict, docs: Path) -> list[str]:
 
 
 def one_shot_time_section(result: dict, docs: Path) -> list[str]:
-    config = result["config"]
+    config, rows = result["config"], result["rows"]
+    settings = list(dict.fromkeys(r["autocast"] for r in rows))
+    times = "; ".join(f"`calibration_autocast={a!r}` (scoring passes in {group[0]['runs_in'].removeprefix('torch.')}) "
+                      f"{seeds(group, 'prune_seconds')} s"
+                      for a in settings for group in [[r for r in rows if r["autocast"] == a]])  # fmt: skip
     return ["## One-shot wall time (the default, alone on the machine)", "", header(result),
             f"`prune_model` to keep {result['target_ratio']} with the defaults ({config['inner_steps']} inner steps x "
             f"{config['calibration_samples']} x {config['calibration_seq_len']}-token sequences), nothing else "
-            f"running, loading excluded: {seeds(result['rows'], 'prune_seconds')} s (seeds "
-            f"{[r['seed'] for r in result['rows']]}). {result.get('note', '')}", ""]  # fmt: skip
+            f"running, loading excluded, seeds {sorted({r['seed'] for r in rows})}: {times}. "
+            f"{result.get('note', '')}", ""]  # fmt: skip
 
 
 def main_job_allocation_section(result: dict, docs: Path) -> list[str]:

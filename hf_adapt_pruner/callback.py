@@ -324,8 +324,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         config, pruner = self.config, self._pruner
         if config.importance_source == "calibration":
             pool = calibration_pool(self.calibration_data, config, seed=config.seed + self.events_done)
-            return CalibrationScorer(pruner.model, pool, config.layer_importance, config.group_importance, config.seed,
-                                     progress=self._progress, rescore_every=config.rescore_every)  # fmt: skip
+            return CalibrationScorer.from_config(pruner.model, pool, config, progress=self._progress)
         importance = self._collector.importance()
         if config.group_importance == "taylor":
             if self._scores is None:

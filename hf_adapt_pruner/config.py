@@ -22,6 +22,7 @@ ALLOCATIONS = ("score", "proportional")
 MODES = ("auto", "physical", "mask")
 DATA_SPLITS = ("linear", "constant", "cosine")
 IMPORTANCE_SOURCES = ("training", "calibration")
+CALIBRATION_AUTOCASTS = ("auto", "bfloat16", "off")
 
 
 @dataclass
@@ -58,6 +59,9 @@ class PrunerConfig:
         inner_steps (`int`): inner iterations per prune event. rescore_every (`int`): importances are re-measured
             every this many inner steps (the paper: 1) and reused in between with the removed units dropped.
         calibration_samples, calibration_seq_len, calibration_batch_size (`int`): calibration per inner step.
+        calibration_autocast (`str`, defaults to `"auto"`): run the calibration forward/backward of a float32 model
+            under bfloat16 autocast (`bfloat16`), not (`off`), or where the device multiplies bfloat16 in hardware
+            (`auto`: CUDA with bfloat16 support, CPUs with AMX). Scores are summed in float32 either way.
         seed (`int`): calibration sampling and random scores.
         mode (`str`, defaults to `"auto"`): `physical` slices weights, `mask` zeroes them (shapes fixed; sliced by
             `save_pruned`), `auto` picks physical unless the training engine shards parameters.
@@ -150,6 +154,13 @@ class PrunerConfig:
     )
     calibration_seq_len: int = field(default=128, metadata={"help": "Tokens per calibration sequence."})
     calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward pass."})
+    calibration_autocast: str = field(
+        default="auto",
+        metadata={
+            "help": "Calibration passes of a float32 model under bfloat16 autocast: bfloat16, off, or auto (where the "
+            "device has bfloat16 matrix units: CUDA, CPUs with AMX). Scores are summed in float32 either way."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and random importance."})
     # --- incremental pruning during training (AdaptPrunerCallback) ----------------------------------------------
     num_stages: int = field(
@@ -196,6 +207,7 @@ class PrunerConfig:
         _check_choice("data_split", self.data_split, DATA_SPLITS)
         _check_choice("importance_source", self.importance_source, IMPORTANCE_SOURCES)
         _check_choice("mode", self.mode, MODES)
+        _check_choice("calibration_autocast", self.calibration_autocast, CALIBRATION_AUTOCASTS)
         _check_types(self)
         if not 0.0 <= self.amplitude <= 1.0:
             raise ValueError(

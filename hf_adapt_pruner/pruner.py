@@ -395,6 +395,5 @@ def prune_model(
     """
     pruner, target = checked_pruner(model, config, optimizer)  # before touching data or weights
     pool = calibration_pool(calibration_data, config, vocabulary_size(model), tokenizer)
-    scorer = CalibrationScorer(model, pool, config.layer_importance, config.group_importance, config.seed, progress,
-                               rescore_every=config.rescore_every)  # fmt: skip
+    scorer = CalibrationScorer.from_config(model, pool, config, progress)
     return pruner.prune_to(target, scorer, optimizer=optimizer, progress=progress)

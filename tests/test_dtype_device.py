@@ -19,9 +19,10 @@ from hf_adapt_pruner.allocation import select_heads
 from hf_adapt_pruner.architectures import get_architecture, layer_modules
 from hf_adapt_pruner.checks import resolve_device
 from hf_adapt_pruner.cli import main
+from hf_adapt_pruner.data import CalibrationPool
 from hf_adapt_pruner.importance import GroupScores, group_scores
 from hf_adapt_pruner.layout import LayerWidths
-from hf_adapt_pruner.scorers import CalibrationScorer
+from hf_adapt_pruner.scorers import CalibrationScorer, autocast_dtype
 from hf_adapt_pruner.serialization import load_for_pruning
 from hf_adapt_pruner.surgery import head_rows
 
@@ -83,12 +84,48 @@ def test_prune_model_in_bfloat16_lands_on_target_and_saves_bfloat16(tmp_path, mo
 
 def test_float16_taylor_scoring_warns_and_names_bfloat16(caplog):
     model = tiny_model("llama").to(torch.float16)
-    from hf_adapt_pruner.data import CalibrationPool
-
     pool = CalibrationPool(calibration_blocks(), 4, 4, seed=0)
     with caplog.at_level("WARNING", logger="hf_adapt_pruner.scorers"):
         CalibrationScorer(model, pool, "cosine", "taylor", seed=0)
     assert "bfloat16" in caplog.text and "float16" in caplog.text
+
+
+def test_calibration_autocast_auto_takes_bfloat16_only_for_float32_models_on_bfloat16_hardware(monkeypatch):
+    model = tiny_model("llama")
+    assert autocast_dtype("off", model) is None
+    assert autocast_dtype("bfloat16", model) is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert autocast_dtype("auto", model) is torch.bfloat16
+    assert autocast_dtype("auto", tiny_model("llama").to(torch.bfloat16)) is None  # runs in 16 bits already
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert autocast_dtype("auto", model) is None
+    with pytest.raises(ValueError, match=r"calibration_autocast=.fp8.*auto, bfloat16, off"):
+        PrunerConfig(target_ratio=0.7, calibration_autocast="fp8")
+
+
+def test_bfloat16_autocast_scoring_runs_in_bfloat16_and_ranks_like_float32():
+    """The forward runs in bfloat16, the weights and their gradients stay float32, and the scores differ from float32
+    scoring by bfloat16 rounding only: the channels rank alike and every layer's weakest kv group is the same."""
+    model = tiny_model("llama", gqa_ratio=2)
+    layers = layer_modules(model, get_architecture("llama"))
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    measured = {}
+    for setting in ("off", "bfloat16"):
+        seen.clear()
+        pool = CalibrationPool(calibration_blocks(16, 32), 16, 8, seed=0)
+        scorer = CalibrationScorer(model, pool, "cosine", "taylor", seed=0, progress=False, autocast=setting)
+        measured[setting] = scorer(layers, model.config.head_dim)
+        assert set(seen) == {torch.bfloat16 if setting == "bfloat16" else torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and all(p.grad is None for p in model.parameters())
+    (raw32, scores32), (raw16, scores16) = measured["off"], measured["bfloat16"]
+    assert torch.allclose(raw16, raw32, rtol=0.01)
+    for a, b in zip(scores32, scores16):
+        assert b.channels.dtype == torch.float64 and not torch.equal(a.channels, b.channels)  # bfloat16 did run
+        assert float(((a.channels - b.channels).abs() / a.channels).median()) < 0.01
+        ranks = torch.stack([a.channels.argsort().argsort(), b.channels.argsort().argsort()]).double()
+        assert torch.corrcoef(ranks)[0, 1] > 0.98
+        assert a.kv_heads.argmin() == b.kv_heads.argmin()
 
 
 # --- command line ------------------------------------------------------------------------------------------------
