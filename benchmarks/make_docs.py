@@ -306,28 +306,35 @@ def distillation_section(result: dict, docs: Path) -> list[str]:
     return lines
 
 
-def stages_budget_section(result: dict, docs: Path) -> list[str]:
-    original, summary = result["rows"][0], result["summary"]["by_budget_and_stages"]
+def stages_budget_section(results: list[dict], docs: Path) -> list[str]:
+    """One table and plot for the budgets of every `stages_budget*.json` (each budget is measured in one of them)."""
+    result, original = results[0], results[0]["rows"][0]
+    summary = {
+        budget: by_stages for r in results for budget, by_stages in r["summary"]["by_budget_and_stages"].items()
+    }
+    precision = {str(row["steps"]): "bf16 autocast" if row["spec"].get("bf16") else "float32"
+                 for r in results for row in r["rows"][1:]}  # fmt: skip
     method = "LM loss only" if result["method"] == "lm" else f"distillation, alpha {result['method']}"
     lines = [
         "## Prune events x training budget",
         "",
-        header(result),
-        f"Keep {result['target_ratio']}, {method}; budgets of {result['budgets']} optimizer steps of "
-        f"{result['batch']}, {result['stages']} prune events (linear data split), seeds {result['seeds']}. "
+        *(header(r) for r in results),
+        f"Keep {result['target_ratio']}, {method}; budgets of {sorted(int(b) for b in summary)} optimizer steps of "
+        f"{result['batch']}, prune events (linear data split) as in the table, seeds {result['seeds']}. "
         f"Perplexity on {result['eval_tokens']:,} held-out tokens of python3.11-doc and of git-doc (original: "
         f"{original['ppl_in_domain']:.2f}, {original['ppl_other_source']:.2f}); cloze accuracy on "
         f"{result['cloze']['questions']} {result['cloze']['choices']}-way git-doc questions (original "
-        f"{original['cloze']['acc']:.3f}). Mean over seeds, range in brackets. {result['note']}",
+        f"{original['cloze']['acc']:.3f}). Mean over seeds, range in brackets. "
+        + " ".join(dict.fromkeys(r["note"] for r in results)),
         "",
-        "| steps | events | ppl python-doc | ppl git-doc | cloze acc | train s |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| steps | training | events | ppl python-doc | ppl git-doc | cloze acc | train s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for budget, by_stages in summary.items():
         for stages, m in by_stages.items():
             cells = [f"{m[k]:.2f} ({m[k + '_range'][0]:.2f}–{m[k + '_range'][1]:.2f})"
                      for k in ("ppl_in_domain", "ppl_other_source")]  # fmt: skip
-            lines.append(f"| {budget} | {stages} | {' | '.join(cells)} | {m['cloze']:.3f} | "
+            lines.append(f"| {budget} | {precision[budget]} | {stages} | {' | '.join(cells)} | {m['cloze']:.3f} | "
                          f"{m['train_seconds']:.0f} |")  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in zip(axes, ("ppl_in_domain", "ppl_other_source"), ("python3.11-doc", "git-doc")):
@@ -344,7 +351,12 @@ def stages_budget_section(result: dict, docs: Path) -> list[str]:
                     [by_stages[str(n)][key + "_range"][1] - by_stages[str(n)][key] for n in stages],
                 ],
             )
-        ax.set(xlabel="prune events", ylabel="held-out perplexity", title=title, xticks=result["stages"])
+        ax.set(
+            xlabel="prune events",
+            ylabel="held-out perplexity",
+            title=title,
+            xticks=sorted({int(n) for by_stages in summary.values() for n in by_stages}),
+        )
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Adapt-Accel to keep {result['target_ratio']}, SmolLM2-135M (bars: range over seeds)")
     fig.tight_layout()
@@ -368,10 +380,14 @@ def main() -> None:
                           ("incremental_vs_one_shot", incremental_section), ("inference_speed", speed_section),
                           ("callback_overhead", overhead_section), ("memory", memory_section),
                           ("distributed", distributed_section), ("gguf_serving", serving_section),
-                          ("distillation", distillation_section),
-                          ("stages_budget", stages_budget_section)):  # fmt: skip
+                          ("distillation", distillation_section)):  # fmt: skip
         result = load(args.results, name)
         lines += section(result, args.docs) if result else [f"## {name}", "", "_Not measured yet._", ""]
+    stages = [load(args.results, path.stem) for path in sorted(args.results.glob("stages_budget*.json"))]
+    stages = [r for r in stages if not r["smoke"]]
+    lines += (
+        stages_budget_section(stages, args.docs) if stages else ["## stages_budget", "", "_Not measured yet._", ""]
+    )
     (args.docs / "benchmarks.md").write_text("\n".join(lines))
     print(f"wrote {args.docs / 'benchmarks.md'}")
 
