@@ -26,6 +26,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="A tiny random model and minimal sizes (for CI).")
     p.add_argument("--text-dir", default=TEXT_DIR)
     p.add_argument("--out", help="Where to write the JSON (default: benchmarks/results/<name>[-smoke].json).")
+    p.add_argument(
+        "--note", default="", help="How and when the rows were measured (kept in the JSON; make_docs shows it)."
+    )
     return p
 
 
@@ -101,6 +104,8 @@ def write(name: str, args, payload: dict) -> Path:
         },
         **payload,
     }
+    if getattr(args, "note", ""):
+        payload["note"] = f"{payload.get('note', '')} {args.note}".strip()
     path = Path(args.out) if args.out else RESULTS / f"{name}{'-smoke' if args.smoke else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")

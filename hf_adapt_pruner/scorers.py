@@ -10,6 +10,7 @@ the engine slices a layer it calls `update(layer, keep_q, keep_kv, keep_channels
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -134,7 +135,7 @@ class CalibrationScorer:
                 mask = mask.to(device) if mask is not None else None
                 labels = input_ids if mask is None else input_ids.masked_fill(~_scored(mask), -100)
                 collector.token_mask = mask
-                with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
                     out = self.model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False)
                 if needs_grad and n_predicted:  # a batch of padding only has no loss (NaN), only similarities
                     weight = n_predicted * len(batches) / total
