@@ -315,6 +315,7 @@ def stages_budget_section(results: list[dict], docs: Path) -> list[str]:
     precision = {str(row["steps"]): "bf16 autocast" if row["spec"].get("bf16") else "float32"
                  for r in results for row in r["rows"][1:]}  # fmt: skip
     method = "LM loss only" if result["method"] == "lm" else f"distillation, alpha {result['method']}"
+    notes = list(dict.fromkeys(r["note"] for r in results))  # a note inside another is said once
     lines = [
         "## Prune events x training budget",
         "",
@@ -325,7 +326,7 @@ def stages_budget_section(results: list[dict], docs: Path) -> list[str]:
         f"{original['ppl_in_domain']:.2f}, {original['ppl_other_source']:.2f}); cloze accuracy on "
         f"{result['cloze']['questions']} {result['cloze']['choices']}-way git-doc questions (original "
         f"{original['cloze']['acc']:.3f}). Mean over seeds, range in brackets. "
-        + " ".join(dict.fromkeys(r["note"] for r in results)),
+        + " ".join(n for n in notes if not any(n != m and n in m for m in notes)),
         "",
         "| steps | training | events | ppl python-doc | ppl git-doc | cloze acc | train s |",
         "|---:|---|---:|---:|---:|---:|---:|",
