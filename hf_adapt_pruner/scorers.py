@@ -152,9 +152,9 @@ class CalibrationScorer:
 def autocast_dtype(setting: str, model: nn.Module) -> torch.dtype | None:
     """The dtype calibration passes autocast to (`PrunerConfig.calibration_autocast`), or None to run as loaded.
 
-    `auto` chooses bfloat16 only for a float32 model on a device with bfloat16 matrix units (CUDA that supports it,
-    or a CPU with AMX tiles, where a SmolLM2-135M scoring pass runs twice as fast); a model loaded in a 16-bit dtype
-    already runs in it.
+    `auto` chooses bfloat16 only for a float32 model on a device with bfloat16 matrix units (a GPU with native, not
+    emulated, bfloat16, or a CPU with AMX tiles, where a SmolLM2-135M scoring pass runs twice as fast); a model
+    loaded in a 16-bit dtype already runs in it.
     """
     if setting == "off":
         return None
@@ -165,7 +165,7 @@ def autocast_dtype(setting: str, model: nn.Module) -> torch.dtype | None:
         return None
     device = params[0].device
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in other torch versions
     return torch.bfloat16 if device.type == "cpu" and amx is not None and amx() else None
 
