@@ -61,7 +61,7 @@ class PrunerConfig:
         calibration_samples, calibration_seq_len, calibration_batch_size (`int`): calibration per inner step.
         calibration_autocast (`str`, defaults to `"auto"`): run the calibration forward/backward of a float32 model
             under bfloat16 autocast (`bfloat16`), not (`off`), or where the device multiplies bfloat16 in hardware
-            (`auto`: CUDA with bfloat16 support, CPUs with AMX). Scores are summed in float32 either way.
+            (`auto`: GPUs with native bfloat16, CPUs with AMX). Scores are summed in float32 either way.
         seed (`int`): calibration sampling and random scores.
         mode (`str`, defaults to `"auto"`): `physical` slices weights, `mask` zeroes them (shapes fixed; sliced by
             `save_pruned`), `auto` picks physical unless the training engine shards parameters.
@@ -158,7 +158,7 @@ class PrunerConfig:
         default="auto",
         metadata={
             "help": "Calibration passes of a float32 model under bfloat16 autocast: bfloat16, off, or auto (where the "
-            "device has bfloat16 matrix units: CUDA, CPUs with AMX). Scores are summed in float32 either way."
+            "device has bfloat16 matrix units: recent GPUs, CPUs with AMX). Scores are summed in float32 either way."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and random importance."})
