@@ -89,7 +89,12 @@ def open_dataset(name_or_path: str, config_name: str | None = None, split: str =
             "Reading a dataset needs the datasets package: pip install 'hf_adapt_pruner[train]' (or datasets)."
         ) from None
     path = Path(name_or_path).expanduser()
-    if path.is_dir() and any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+    saved = path.is_dir() and any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS)
+    if config_name is not None and (saved or path.is_file()):
+        kind = "a save_to_disk folder" if saved else "a single data file"
+        raise ValueError(f"{name_or_path!r} is {kind}, which has no configurations, so dataset_config="
+                         f"{config_name!r} (--dataset-config) cannot apply: leave it out.")  # fmt: skip
+    if saved:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:

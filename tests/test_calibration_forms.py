@@ -333,3 +333,6 @@ def test_cli_dataset_errors_name_the_option_to_change(model_dir, tmp_path, capsy
     assert code == 2 and "only split is 'train', not 'test'" in capsys.readouterr().err
     code, _ = run_cli(model_dir, tmp_path, "--dataset", str(tmp_path / "missing.jsonl"))
     assert code == 2 and "no such file or folder" in capsys.readouterr().err
+    for local in (path, write_dataset("save_to_disk", tmp_path)):  # configurations exist only for Hub/folder builders
+        code, _ = run_cli(model_dir, tmp_path, "--dataset", local, "--dataset-config", "wikitext-2-raw-v1")
+        assert code == 2 and "(--dataset-config) cannot apply: leave it out" in capsys.readouterr().err
