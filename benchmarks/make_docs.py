@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -315,7 +316,7 @@ def stages_budget_section(results: list[dict], docs: Path) -> list[str]:
     precision = {str(row["steps"]): "bf16 autocast" if row["spec"].get("bf16") else "float32"
                  for r in results for row in r["rows"][1:]}  # fmt: skip
     method = "LM loss only" if result["method"] == "lm" else f"distillation, alpha {result['method']}"
-    notes = list(dict.fromkeys(r["note"] for r in results))  # a note inside another is said once
+    notes = dict.fromkeys(s for r in results for s in re.split(r"(?<=\.) ", r["note"]))  # each sentence once
     lines = [
         "## Prune events x training budget",
         "",
@@ -325,8 +326,7 @@ def stages_budget_section(results: list[dict], docs: Path) -> list[str]:
         f"Perplexity on {result['eval_tokens']:,} held-out tokens of python3.11-doc and of git-doc (original: "
         f"{original['ppl_in_domain']:.2f}, {original['ppl_other_source']:.2f}); cloze accuracy on "
         f"{result['cloze']['questions']} {result['cloze']['choices']}-way git-doc questions (original "
-        f"{original['cloze']['acc']:.3f}). Mean over seeds, range in brackets. "
-        + " ".join(n for n in notes if not any(n != m and n in m for m in notes)),
+        f"{original['cloze']['acc']:.3f}). Mean over seeds, range in brackets. " + " ".join(notes),
         "",
         "| steps | training | events | ppl python-doc | ppl git-doc | cloze acc | train s |",
         "|---:|---|---:|---:|---:|---:|---:|",
