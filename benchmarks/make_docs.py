@@ -28,6 +28,12 @@ def load(results: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def measured(results: Path, name: str) -> list[dict]:
+    """The non-smoke results of `name.json` and its variants (`name_640.json`, ...)."""
+    found = [load(results, path.stem) for path in sorted(results.glob(f"{name}*.json"))]
+    return [r for r in found if not r["smoke"]]
+
+
 def header(result: dict) -> str:
     m = result["machine"]
     return f"_{result['model']}; measured {result['date']} on {m['cpus']} CPU threads, torch {m['torch']}, " \
@@ -275,9 +281,13 @@ def distill_settings(result: dict) -> str:
 def distillation_section(result: dict, docs: Path) -> list[str]:
     gib, summary = 1024**3, result["summary"]
     cloze = result["cloze"]
-    lines = ["## Distillation from the unpruned teacher", "", header(result),
+    bf16 = any(r["spec"].get("bf16") for r in result["rows"][1:])
+    rate = result["rows"][1]["spec"]["learning_rate"]
+    lines = [f"## Distillation from the unpruned teacher, {result['steps']} steps at learning rate {rate:g}", "",
+             header(result),
              f"Keep {result['target_ratio']} in {result['stages']} events over {result['steps']} steps of "
-             f"{result['batch']} ({result['train_tokens']:,} tokens of python3.11-doc), seeds {result['seeds']}, "
+             f"{result['batch']} ({result['train_tokens']:,} tokens of python3.11-doc"
+             f"{', bfloat16 autocast training' if bf16 else ''}), seeds {result['seeds']}, "
              f"{distill_settings(result)}. Perplexity on {result['eval_tokens']:,} held-out tokens of the training "
              f"domain and of git-doc (never trained on); zero-shot cloze accuracy on {cloze['questions']} "
              f"{cloze['choices']}-way questions from git-doc prose (lm-eval, local task; chance "
@@ -380,12 +390,13 @@ def main() -> None:
                           ("taylor_scale", taylor_scale_section), ("main_job_allocation", main_job_allocation_section),
                           ("incremental_vs_one_shot", incremental_section), ("inference_speed", speed_section),
                           ("callback_overhead", overhead_section), ("memory", memory_section),
-                          ("distributed", distributed_section), ("gguf_serving", serving_section),
-                          ("distillation", distillation_section)):  # fmt: skip
+                          ("distributed", distributed_section), ("gguf_serving", serving_section)):  # fmt: skip
         result = load(args.results, name)
         lines += section(result, args.docs) if result else [f"## {name}", "", "_Not measured yet._", ""]
-    stages = [load(args.results, path.stem) for path in sorted(args.results.glob("stages_budget*.json"))]
-    stages = [r for r in stages if not r["smoke"]]
+    for result in sorted(measured(args.results, "distillation"),
+                         key=lambda r: (r["steps"], r["rows"][1]["spec"]["learning_rate"])):  # fmt: skip
+        lines += distillation_section(result, args.docs)
+    stages = measured(args.results, "stages_budget")
     lines += (
         stages_budget_section(stages, args.docs) if stages else ["## stages_budget", "", "_Not measured yet._", ""]
     )
