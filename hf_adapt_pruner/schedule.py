@@ -52,22 +52,32 @@ def build_schedule(
     the target is not below `start_params` (`original_params`: the unpruned model's count, for the message)."""
     n = config.num_stages
     check_target_below(final_target, start_params, original_params or start_params)
+    steps = event_steps(config, max_steps)
+    if steps is None:
+        needed = next((s for s in range(max(max_steps, 1) + 1, 1 << 20) if event_steps(config, s)), None)
+        fix = f"Train for at least {needed} steps" if needed else "Lower recovery_fraction"
+        raise ValueError(
+            f"num_stages={n} prune events do not fit in max_steps={max_steps}: with importance_window="
+            f"{config.importance_window} (importance_source={config.importance_source!r}), recovery_fraction="
+            f"{config.recovery_fraction} and data_split={config.data_split!r} each event needs a step of its own. "
+            f"{fix} or use fewer stages."
+        )
+    drop = start_params - final_target
+    return [Stage(k + 1, step, round(start_params - drop * (k + 1) / n)) for k, step in enumerate(steps)]
+
+
+def event_steps(config: PrunerConfig, max_steps: int) -> list[int] | None:
+    """The global steps of the `num_stages` events in a run of `max_steps`, or None when they do not fit (two events
+    on one step, or an event after the last step)."""
+    n = config.num_stages
     first = config.importance_window if config.importance_source == "training" else 0
     last = max_steps - round(config.recovery_fraction * max_steps)
     if n == 1:
         steps = [first]
     else:
         weights = stage_weights(n, config.data_split)
-        span = last - first
         cumulative = [sum(weights[:k]) / sum(weights) for k in range(n)]
-        steps = [first + round(span * c) for c in cumulative]
+        steps = [first + round((last - first) * c) for c in cumulative]
     if max_steps < 1 or steps[-1] > max_steps or first > last or any(b <= a for a, b in itertools.pairwise(steps)):
-        needed = first + n + round(config.recovery_fraction * max_steps)
-        raise ValueError(
-            f"num_stages={n} prune events do not fit in max_steps={max_steps}: with importance_window="
-            f"{config.importance_window} (importance_source={config.importance_source!r}) and recovery_fraction="
-            f"{config.recovery_fraction} the events would fall at steps {steps}. Train for more steps (at least "
-            f"~{needed}) or use fewer stages."
-        )
-    drop = start_params - final_target
-    return [Stage(k + 1, step, round(start_params - drop * (k + 1) / n)) for k, step in enumerate(steps)]
+        return None
+    return steps

@@ -311,7 +311,7 @@ CASES = [
     case("callback-load-best-model", ValueError, ("load_best_model_at_end=True", "load_pruned(checkpoint)"),
          lambda w: w.train(train_config(), load_best_model_at_end=True, eval_strategy="steps",
                            save_strategy="steps")),
-    case("callback-stages-do-not-fit", ValueError, ("num_stages=40", "max_steps=30", "Train for more steps"),
+    case("callback-stages-do-not-fit", ValueError, ("num_stages=40", "max_steps=30", "Train for at least 437 steps"),
          lambda w: w.train(train_config(num_stages=40))),
     case("callback-target-above-model", ValueError, ("not below", "Lower target_ratio / target_params"),
          lambda w: w.train(train_config(target_ratio=None, target_params=10**9))),

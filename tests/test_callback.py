@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from unittest import mock
 
 import pytest
@@ -46,6 +47,20 @@ def test_schedule_worked_example():
     assert [s.step for s in constant] == [10, 60, 110] and [s.target_params for s in constant] == [833, 667, 500]
     cosine = build_schedule(make_config(data_split="cosine", num_stages=4), 100, 1000, 600)
     assert [s.step for s in cosine] == sorted({s.step for s in cosine})
+
+
+@pytest.mark.parametrize("split", ["linear", "constant", "cosine"])
+def test_schedule_error_names_the_fewest_steps_that_fit(split):
+    """The default 10 events with linear shares need 34 steps, not importance_window + 10 + recovery (20)."""
+    config = PrunerConfig(target_ratio=0.7, data_split=split)
+    with pytest.raises(ValueError, match=r"Train for at least (\d+) steps") as error:
+        build_schedule(config, 15, 1000, 700)
+    needed = int(re.search(r"at least (\d+) steps", str(error.value)).group(1))
+    assert len(build_schedule(config, needed, 1000, 700)) == config.num_stages == 10
+    with pytest.raises(ValueError, match=f"max_steps={needed - 1}:"):
+        build_schedule(config, needed - 1, 1000, 700)
+    if split == "linear":
+        assert needed == 34
 
 
 @pytest.mark.parametrize("source", ["training", "calibration"])
