@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,8 @@ def write(name: str, args, payload: dict) -> Path:
         **payload,
     }
     if getattr(args, "note", ""):
-        payload["note"] = f"{payload.get('note', '')} {args.note}".strip()
+        sentences = re.split(r"(?<=\.) ", f"{payload.get('note', '')} {args.note}".strip())
+        payload["note"] = " ".join(dict.fromkeys(sentences))  # a sentence the script already wrote, once
     path = Path(args.out) if args.out else RESULTS / f"{name}{'-smoke' if args.smoke else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
