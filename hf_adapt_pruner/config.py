@@ -167,7 +167,7 @@ class PrunerConfig:
         default=10,
         metadata={
             "help": "Prune events in Adapt-Accel (paper: 5-20, about 5 % of parameters each). 10 is at least as good "
-            "as 4 at 80 and 640 steps and 5 % better than 1 out of domain at 640; needs max_steps >= 34 (linear split)."
+            "as 4 at 80 and 640 steps, 5 % better than 1 out of domain at 640; needs max_steps >= 34 (linear split)."
         },
     )
     data_split: str = field(
