@@ -394,9 +394,10 @@ def main() -> None:
                           ("distributed", distributed_section), ("gguf_serving", serving_section)):  # fmt: skip
         result = load(args.results, name)
         lines += section(result, args.docs) if result else [f"## {name}", "", "_Not measured yet._", ""]
-    for result in sorted(measured(args.results, "distillation"),
-                         key=lambda r: (r["steps"], r["rows"][1]["spec"]["learning_rate"])):  # fmt: skip
+    distillations = measured(args.results, "distillation")  # one section per budget and learning rate
+    for result in sorted(distillations, key=lambda r: (r["steps"], r["rows"][1]["spec"]["learning_rate"])):
         lines += distillation_section(result, args.docs)
+    lines += [] if distillations else ["## distillation", "", "_Not measured yet._", ""]
     stages = measured(args.results, "stages_budget")
     lines += (
         stages_budget_section(stages, args.docs) if stages else ["## stages_budget", "", "_Not measured yet._", ""]
