@@ -54,7 +54,7 @@ def build_schedule(
     check_target_below(final_target, start_params, original_params or start_params)
     steps = event_steps(config, max_steps)
     if steps is None:
-        needed = next((s for s in range(max(max_steps, 1) + 1, 1 << 20) if event_steps(config, s)), None)
+        needed = fewest_steps(config, max_steps)
         fix = f"Train for at least {needed} steps" if needed else "Lower recovery_fraction"
         raise ValueError(
             f"num_stages={n} prune events do not fit in max_steps={max_steps}: with importance_window="
@@ -81,3 +81,17 @@ def event_steps(config: PrunerConfig, max_steps: int) -> list[int] | None:
     if max_steps < 1 or steps[-1] > max_steps or first > last or any(b <= a for a, b in itertools.pairwise(steps)):
         return None
     return steps
+
+
+def fewest_steps(config: PrunerConfig, too_few: int) -> int | None:
+    """The smallest `max_steps` above `too_few` whose events fit (more steps only widen the gaps), or None when even
+    2^40 steps do not: doubling, then bisection."""
+    low, high = max(too_few, 0), max(too_few, 1)
+    while event_steps(config, high) is None:
+        low, high = high, high * 2
+        if high > 1 << 40:
+            return None
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if event_steps(config, mid) is None else (low, mid)
+    return high
