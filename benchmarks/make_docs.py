@@ -321,9 +321,8 @@ def distillation_section(result: dict, docs: Path) -> list[str]:
 def stages_budget_section(results: list[dict], docs: Path) -> list[str]:
     """One table and plot for the budgets of every `stages_budget*.json` (each budget is measured in one of them)."""
     result, original = results[0], results[0]["rows"][0]
-    summary = {
-        budget: by_stages for r in results for budget, by_stages in r["summary"]["by_budget_and_stages"].items()
-    }
+    by_budget = {b: by_stages for r in results for b, by_stages in r["summary"]["by_budget_and_stages"].items()}
+    summary = dict(sorted(by_budget.items(), key=lambda item: int(item[0])))  # steps ascending, whatever the file
     precision = {str(row["steps"]): "bf16 autocast" if row["spec"].get("bf16") else "float32"
                  for r in results for row in r["rows"][1:]}  # fmt: skip
     method = "LM loss only" if result["method"] == "lm" else f"distillation, alpha {result['method']}"
