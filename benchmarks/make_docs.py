@@ -396,7 +396,8 @@ def main() -> None:
     distillations = measured(args.results, "distillation")  # one section per budget and learning rate
     for result in sorted(distillations, key=lambda r: (r["steps"], r["rows"][1]["spec"]["learning_rate"])):
         lines += distillation_section(result, args.docs)
-    lines += [] if distillations else ["## distillation", "", "_Not measured yet._", ""]
+    if not distillations:
+        lines += ["## distillation", "", "_Not measured yet._", ""]
     stages = measured(args.results, "stages_budget")
     lines += (
         stages_budget_section(stages, args.docs) if stages else ["## stages_budget", "", "_Not measured yet._", ""]
