@@ -319,55 +319,59 @@ def distillation_section(result: dict, docs: Path) -> list[str]:
 
 
 def stages_budget_section(results: list[dict], docs: Path) -> list[str]:
-    """One table and plot for the budgets of every `stages_budget*.json` (each budget is measured in one of them)."""
+    """One table and plot for the rows of every `stages_budget*.json`, by budget, recovery fraction and events."""
     result, original = results[0], results[0]["rows"][0]
-    by_budget = {b: by_stages for r in results for b, by_stages in r["summary"]["by_budget_and_stages"].items()}
-    summary = dict(sorted(by_budget.items(), key=lambda item: int(item[0])))  # steps ascending, whatever the file
-    precision = {str(row["steps"]): "bf16 autocast" if row["spec"].get("bf16") else "float32"
-                 for r in results for row in r["rows"][1:]}  # fmt: skip
+    by_seed = {(row["steps"], row["spec"]["recovery_fraction"], row["stages"], row["seed"]): row
+               for r in results for row in r["rows"] if row["run"] != "original"}  # fmt: skip
+    groups: dict[tuple, list[dict]] = {}
+    for (steps, recovery, stages, _), row in sorted(by_seed.items()):
+        groups.setdefault((steps, recovery, stages), []).append(row)
+    stats = {group: {key: [row[key] for row in rows] for key in ("ppl_in_domain", "ppl_other_source", "train_seconds")}
+             | {"cloze": [row["cloze"]["acc"] for row in rows], "bf16": rows[0]["spec"].get("bf16")}
+             for group, rows in groups.items()}  # fmt: skip
     method = "LM loss only" if result["method"] == "lm" else f"distillation, alpha {result['method']}"
     notes = dict.fromkeys(s for r in results for s in re.split(r"(?<=\.) ", r["note"]))  # each sentence once
     lines = [
         "## Prune events x training budget",
         "",
         *(header(r) for r in results),
-        f"Keep {result['target_ratio']}, {method}; budgets of {sorted(int(b) for b in summary)} optimizer steps of "
-        f"{result['batch']}, prune events (linear data split) as in the table, seeds {result['seeds']}. "
+        f"Keep {result['target_ratio']}, {method}; budgets of {sorted({g[0] for g in groups})} optimizer steps of "
+        f"{result['batch']}, prune events (linear data split) and recovery fraction (steps after the last event, over "
+        f"which the learning rate decays) as in the table, seeds {result['seeds']}. "
         f"Perplexity on {result['eval_tokens']:,} held-out tokens of python3.11-doc and of git-doc (original: "
         f"{original['ppl_in_domain']:.2f}, {original['ppl_other_source']:.2f}); cloze accuracy on "
         f"{result['cloze']['questions']} {result['cloze']['choices']}-way git-doc questions (original "
         f"{original['cloze']['acc']:.3f}). Mean over seeds, range in brackets. " + " ".join(notes),
         "",
-        "| steps | training | events | ppl python-doc | ppl git-doc | cloze acc | train s |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| steps | recovery | training | events | ppl python-doc | ppl git-doc | cloze acc | train s |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for budget, by_stages in summary.items():
-        for stages, m in by_stages.items():
-            cells = [f"{m[k]:.2f} ({m[k + '_range'][0]:.2f}–{m[k + '_range'][1]:.2f})"
-                     for k in ("ppl_in_domain", "ppl_other_source")]  # fmt: skip
-            lines.append(f"| {budget} | {precision[budget]} | {stages} | {' | '.join(cells)} | {m['cloze']:.3f} | "
-                         f"{m['train_seconds']:.0f} |")  # fmt: skip
+    for (steps, recovery, stages), m in stats.items():
+        cells = [f"{statistics.mean(m[k]):.2f} ({min(m[k]):.2f}–{max(m[k]):.2f})"
+                 for k in ("ppl_in_domain", "ppl_other_source")]  # fmt: skip
+        lines.append(f"| {steps} | {recovery} | {'bf16 autocast' if m['bf16'] else 'float32'} | {stages} | "
+                     f"{' | '.join(cells)} | {statistics.mean(m['cloze']):.3f} | "
+                     f"{statistics.mean(m['train_seconds']):.0f} |")  # fmt: skip
+    usual = statistics.mode(recovery for _, recovery, _ in groups)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in zip(axes, ("ppl_in_domain", "ppl_other_source"), ("python3.11-doc", "git-doc")):
-        for budget, by_stages in summary.items():
-            stages = [int(n) for n in by_stages]
+        for steps, recovery in dict.fromkeys(g[:2] for g in groups):
+            points = [(g[2], stats[g][key]) for g in groups if g[:2] == (steps, recovery)]
+            means = [statistics.mean(v) for _, v in points]
             ax.errorbar(
-                stages,
-                [by_stages[str(n)][key] for n in stages],
-                marker="o",
-                capsize=3,
-                label=f"{budget} steps",
+                [n for n, _ in points],
+                means,
                 yerr=[
-                    [by_stages[str(n)][key] - by_stages[str(n)][key + "_range"][0] for n in stages],
-                    [by_stages[str(n)][key + "_range"][1] - by_stages[str(n)][key] for n in stages],
+                    [m - min(v) for m, (_, v) in zip(means, points)],
+                    [max(v) - m for m, (_, v) in zip(means, points)],
                 ],
+                marker="o" if recovery == usual else "s",
+                linestyle="-" if recovery == usual else "none",
+                capsize=3,
+                label=f"{steps} steps" + ("" if recovery == usual else f", recovery {recovery}"),
             )
-        ax.set(
-            xlabel="prune events",
-            ylabel="held-out perplexity",
-            title=title,
-            xticks=sorted({int(n) for by_stages in summary.values() for n in by_stages}),
-        )
+        ax.set(xlabel="prune events", ylabel="held-out perplexity", title=title,
+               xticks=sorted({g[2] for g in groups}))  # fmt: skip
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Adapt-Accel to keep {result['target_ratio']}, SmolLM2-135M (bars: range over seeds)")
     fig.tight_layout()

@@ -6,7 +6,7 @@ same order for every run of a seed. Held-out perplexity on python3.11-doc and on
 git-doc cloze task, wall time; a plot of perplexity against the number of events, per budget, in docs/.
 
     python benchmarks/stages_budget.py [--smoke] [--budgets 80 640] [--stages 1 4 10] [--seeds 0 1]
-        [--method lm|ALPHA] [--jobs 2] [--reuse benchmarks/results/distillation.json]
+        [--method lm|ALPHA] [--recovery-fraction 0.2] [--jobs 2] [--reuse benchmarks/results/distillation.json]
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def main() -> None:
     rows, task = run_all(args, specs)
     write("stages_budget", args, {
         "model": rows[0]["model"], "target_ratio": 0.7, "method": args.method, "budgets": args.budgets,
-        "stages": args.stages, "seeds": args.seeds, "batch": f"{specs[0].batch_size} x {specs[0].seq_len} tokens",
+        "stages": args.stages, "recovery_fraction": args.recovery_fraction, "seeds": args.seeds,
+        "batch": f"{specs[0].batch_size} x {specs[0].seq_len} tokens",
         "eval_tokens": specs[0].eval_blocks * specs[0].seq_len,
         "cloze": {"questions": task.num_questions, "choices": task.num_choices},
         "rows": rows, "summary": summarize(rows[1:]),
