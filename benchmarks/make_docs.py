@@ -283,7 +283,8 @@ def distillation_section(result: dict, docs: Path) -> list[str]:
     cloze = result["cloze"]
     bf16 = any(r["spec"].get("bf16") for r in result["rows"][1:])
     rate = result["rows"][1]["spec"]["learning_rate"]
-    lines = [f"## Distillation from the unpruned teacher, {result['steps']} steps at learning rate {rate:g}", "",
+    lines = [f"## Distillation from the unpruned teacher, {result['steps']} steps, {result['stages']} events, "
+             f"learning rate {rate:g}", "",
              header(result),
              f"Keep {result['target_ratio']} in {result['stages']} events over {result['steps']} steps of "
              f"{result['batch']} ({result['train_tokens']:,} tokens of python3.11-doc"
@@ -397,8 +398,10 @@ def main() -> None:
                           ("distributed", distributed_section), ("gguf_serving", serving_section)):  # fmt: skip
         result = load(args.results, name)
         lines += section(result, args.docs) if result else [f"## {name}", "", "_Not measured yet._", ""]
-    distillations = measured(args.results, "distillation")  # one section per budget and learning rate
-    for result in sorted(distillations, key=lambda r: (r["steps"], r["rows"][1]["spec"]["learning_rate"])):
+    distillations = measured(args.results, "distillation")  # one section per budget, events and learning rate
+    for result in sorted(
+        distillations, key=lambda r: (r["steps"], r["stages"], r["rows"][1]["spec"]["learning_rate"])
+    ):
         lines += distillation_section(result, args.docs)
     if not distillations:
         lines += ["## distillation", "", "_Not measured yet._", ""]
