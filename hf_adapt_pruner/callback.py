@@ -218,6 +218,16 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         if getattr(args, "loss_type", "nll") not in ("nll", None):
             raise ValueError(f"loss_type={args.loss_type!r} (TRL) reweights the per-token loss; distillation "
                              "supports loss_type='nll'.")  # fmt: skip
+        config, alpha = self.config, self._distiller.config.alpha
+        taylor_from_training = config.importance_source == "training" and config.group_importance == "taylor"
+        if alpha == 1.0 and taylor_from_training and self.events_done == 0 and self._distiller.is_copy_of(model):
+            raise ValueError(
+                "alpha=1.0 trains on KL(teacher || student) alone, and the teacher is the model itself until the "
+                "first prune event: the KL and its gradient are zero there, so importance_source='training' would "
+                "give the first event no Taylor scores and it would remove units at random. Use an alpha below 1 "
+                "(e.g. 0.99: the first event is then scored by the cross-entropy term, whose weight does not change "
+                "the ranking), or importance_source='calibration' with calibration_data."
+            )
         autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         stored = self._stored_attributes(state).get("teacher_signature") if state.global_step > 0 else None
         self._distiller.start(model, autocast=autocast, resuming_at=state.global_step, stored_signature=stored)
@@ -329,6 +339,14 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         if config.group_importance == "taylor":
             if self._scores is None:
                 raise RuntimeError("No gradients were seen in the importance window before the prune event.")
+            if not any(t.any() for s in self._scores for t in (s.q_heads, s.kv_heads, s.channels)):
+                raise RuntimeError(
+                    f"Every Taylor score of the {config.importance_window} steps before prune event "
+                    f"{self.events_done + 1} is zero: the training loss had no gradient for the pruned weights (a "
+                    "loss already at its minimum, such as a KL against a teacher that is the model itself), so the "
+                    "event could only remove units at random. Score on calibration_data with "
+                    "importance_source='calibration', or train on a loss with a gradient."
+                )
             scores = self._scores
         else:
             generator = torch.Generator().manual_seed(config.seed + self.events_done)

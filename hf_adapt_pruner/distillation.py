@@ -50,7 +50,9 @@ class DistillationConfig:
 
     Args:
         alpha (`float`, defaults to `0.5`): weight of the distillation term, in [0, 1]. `0` trains on the LM loss
-            alone (the teacher still runs and `distill/kl` is logged), `1` on the KL alone.
+            alone (the teacher still runs and `distill/kl` is logged), `1` on the KL alone. With `1` and a teacher
+            that is the model itself, the callback's training-based Taylor scores would be zero at the first event
+            (the KL is at its minimum there): it refuses that; use e.g. `0.99` or calibration scores.
         temperature (`float`, defaults to `1.0`): both distributions are softened by `T` in the KL term; the term
             is multiplied by `T^2` so its gradient keeps the same scale.
         teacher_dtype (`str`, *optional*): `bfloat16` or `float16` keep the teacher at half the memory of a float32
@@ -231,6 +233,13 @@ class Distiller:
     @property
     def active(self) -> bool:
         return self.teacher is not None
+
+    def is_copy_of(self, model: nn.Module) -> bool:
+        """Whether the teacher is `model` as it is now: the copy `start()` takes, or a given teacher with the same
+        weights (to float rounding; a bfloat16 copy included). The KL term and its gradient are then zero."""
+        if self.given_teacher is None:
+            return True
+        return same_teacher(teacher_signature(unwrap_peft(self.given_teacher)), teacher_signature(unwrap_peft(model)))
 
     # --- set-up and tear-down -----------------------------------------------------------------------------------
     def start(self, model: nn.Module, autocast: torch.dtype | None = None, resuming_at: int = 0,

@@ -177,3 +177,52 @@ def test_losses_computed_outside_the_model_are_refused(tmp_path, overrides, trai
     model = tiny_model("llama").train()
     with pytest.raises(error, match=message):
         train(tmp_path, model, make_callback(), trainer_kwargs=trainer_kwargs, **overrides)
+
+
+def record_first_scores(callback):
+    """Make `callback` record the largest Taylor score each prune event is given from the training gradients."""
+    seen, scorer = [], callback._scorer
+
+    def recording():
+        if callback._scores is not None:
+            seen.append(max(float(s.channels.abs().max()) for s in callback._scores))
+        return scorer()
+
+    callback._scorer = recording
+    return seen
+
+
+@pytest.mark.parametrize("teacher", ["copy", "given copy", "given bfloat16 copy"])
+def test_kl_alone_against_the_model_itself_is_refused_before_training(tmp_path, teacher):
+    model = tiny_model("llama", gqa_ratio=3).train()
+    given = {"copy": None, "given copy": tiny_model("llama", gqa_ratio=3),
+             "given bfloat16 copy": tiny_model("llama", gqa_ratio=3).to(torch.bfloat16)}[teacher]  # fmt: skip
+    callback = make_callback(DistillationConfig(alpha=1.0, chunk_size=16), teacher=given)
+    with pytest.raises(ValueError, match=r"alpha=1.0 trains on KL\(teacher \|\| student\) alone.*alpha below 1"):
+        train(tmp_path, model, callback)
+    assert callback.events_done == 0 and count_parameters(model) == count_parameters(tiny_model("llama", gqa_ratio=3))
+
+
+@pytest.mark.parametrize("case", ["alpha 0.99", "another teacher", "calibration scores"])
+def test_near_pure_kl_gets_real_scores_at_the_first_event(tmp_path, case):
+    """The KL's gradient is zero while the student is the teacher; the first event must still be scored."""
+    model = tiny_model("llama", gqa_ratio=3).train()
+    alpha = 0.99 if case == "alpha 0.99" else 1.0
+    teacher = tiny_model("llama", gqa_ratio=3, seed=1) if case == "another teacher" else None
+    overrides = {"importance_source": "calibration"} if case == "calibration scores" else {}
+    callback = make_callback(DistillationConfig(alpha=alpha, chunk_size=16), teacher=teacher, **overrides)
+    if case == "calibration scores":
+        callback.calibration_data = calibration_blocks(n=8, seq_len=16)
+    seen = record_first_scores(callback)
+    train(tmp_path, model, callback)
+    assert len(callback.reports) == 2
+    assert all(score > 0 for score in seen) and len(seen) == (0 if case == "calibration scores" else 2)
+
+
+def test_an_event_with_no_gradient_signal_stops_instead_of_pruning_at_random(tmp_path):
+    model = tiny_model("llama", gqa_ratio=3).train()
+    callback = AdaptPrunerCallback(PrunerConfig(target_ratio=0.6, num_stages=2, importance_window=2, inner_steps=3))
+    flat = {"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum() * 0.0}
+    with pytest.raises(RuntimeError, match="Every Taylor score of the 2 steps before prune event 1 is zero"):
+        train(tmp_path, model, callback, trainer_kwargs=flat)
+    assert count_parameters(model) == count_parameters(tiny_model("llama", gqa_ratio=3))
