@@ -26,6 +26,7 @@ from transformers.optimization import Adafactor
 
 from hf_adapt_pruner import (
     AdaptPrunerCallback,
+    DistillationConfig,
     PrunerConfig,
     export_gguf,
     load_pruned,
@@ -154,14 +155,15 @@ class World:
 
         return run
 
-    def train(self, config: PrunerConfig, model=None, calibration=None, **args_overrides) -> Callable[[], object]:
+    def train(self, config: PrunerConfig, model=None, calibration=None, distillation=None,
+              **args_overrides) -> Callable[[], object]:  # fmt: skip
         """`trainer.train` of a Trainer with the callback (the bad input is refused in on_train_begin)."""
         model = model if model is not None else self.llama()
         args = dict(output_dir=str(self.tmp / "run"), max_steps=30, per_device_train_batch_size=4, report_to=[],
                     use_cpu=True, disable_tqdm=True, save_strategy="no")  # fmt: skip
         args.update(args_overrides)
         extra = {"eval_dataset": TRAIN_DATA[:4]} if "eval_strategy" in args_overrides else {}
-        callback = AdaptPrunerCallback(config, calibration)
+        callback = AdaptPrunerCallback(config, calibration, distillation=distillation)
         trainer = Trainer(model=model.train(), args=TrainingArguments(**args), train_dataset=TRAIN_DATA,
                           callbacks=[callback], **extra)  # fmt: skip
         return trainer.train
@@ -317,6 +319,9 @@ CASES = [
          lambda w: w.train(train_config(target_ratio=None, target_params=10**9))),
     case("callback-target-unreachable", ValueError, ("unreachable", "lower the floors"),
          lambda w: w.train(train_config(target_ratio=None, target_params=1000))),
+    case("callback-kl-alone-against-the-model-itself", ValueError,
+         ("alpha=1.0 trains on KL(teacher || student) alone", "alpha below 1", "importance_source='calibration'"),
+         lambda w: w.train(train_config(), distillation=DistillationConfig(alpha=1.0))),
     case("callback-unsupported-model-type", ValueError, ("'gpt2'", "register_architecture"),
          lambda w: w.train(train_config(), model=w.gpt2())),
     # --- save_pruned ------------------------------------------------------------------------------------------
