@@ -29,12 +29,12 @@ def masked_data(n=8, seq_len=12, seed=5):
 DATA = masked_data(n=64, seq_len=16)
 
 
-def make_callback(distillation=None, teacher=None, **overrides):
+def make_callback(distillation=None, teacher=None, calibration_data=None, **overrides):
     values = dict(target_ratio=0.6, num_stages=2, importance_window=2, inner_steps=3, round_to=1,
                   min_intermediate_size=1)  # fmt: skip
     values.update(overrides)
     distillation = distillation or DistillationConfig(alpha=0.5, temperature=2.0, chunk_size=16)
-    return AdaptPrunerCallback(PrunerConfig(**values), distillation=distillation, teacher=teacher)
+    return AdaptPrunerCallback(PrunerConfig(**values), calibration_data, distillation=distillation, teacher=teacher)
 
 
 def train(tmp_path, model, callback, data=DATA, extra_callbacks=(), resume=None, trainer_kwargs=None, **overrides):
@@ -179,7 +179,7 @@ def test_losses_computed_outside_the_model_are_refused(tmp_path, overrides, trai
         train(tmp_path, model, make_callback(), trainer_kwargs=trainer_kwargs, **overrides)
 
 
-def record_first_scores(callback):
+def record_event_scores(callback):
     """Make `callback` record the largest Taylor score each prune event is given from the training gradients."""
     seen, scorer = [], callback._scorer
 
@@ -209,11 +209,10 @@ def test_near_pure_kl_gets_real_scores_at_the_first_event(tmp_path, case):
     model = tiny_model("llama", gqa_ratio=3).train()
     alpha = 0.99 if case == "alpha 0.99" else 1.0
     teacher = tiny_model("llama", gqa_ratio=3, seed=1) if case == "another teacher" else None
-    overrides = {"importance_source": "calibration"} if case == "calibration scores" else {}
-    callback = make_callback(DistillationConfig(alpha=alpha, chunk_size=16), teacher=teacher, **overrides)
-    if case == "calibration scores":
-        callback.calibration_data = calibration_blocks(n=8, seq_len=16)
-    seen = record_first_scores(callback)
+    calibration = {"importance_source": "calibration", "calibration_data": calibration_blocks(n=8, seq_len=16)}
+    callback = make_callback(DistillationConfig(alpha=alpha, chunk_size=16), teacher=teacher,
+                             **(calibration if case == "calibration scores" else {}))  # fmt: skip
+    seen = record_event_scores(callback)
     train(tmp_path, model, callback)
     assert len(callback.reports) == 2
     assert all(score > 0 for score in seen) and len(seen) == (0 if case == "calibration scores" else 2)
