@@ -1,7 +1,9 @@
 """Test set-up. The environment lines run before anything imports huggingface_hub or transformers: both read
 these variables at import time (see ../shared/hub-notes.md)."""
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 
@@ -17,7 +19,9 @@ HUB_PORT = _free_port()
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_adapt_pruner_tests_hf_home_"))
+if "HF_HOME" not in os.environ:  # a cache of the suite's own, removed when the session's process exits
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_adapt_pruner_tests_hf_home_")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
