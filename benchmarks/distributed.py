@@ -44,9 +44,10 @@ def worker(args) -> None:
     model, tokenizer, _ = load_model(args.smoke)
     seq_len = 32 if args.smoke else 128
     blocks, _ = text_blocks(tokenizer, args.smoke, args.text_dir, seq_len, args.steps * args.batch_size * 2, 1)
-    training_args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, ddp_backend="gloo", seed=0,
+    training_args = TrainingArguments(  # output_dir: beside --worker-out, in the folder main() removes
+        output_dir=str(Path(args.worker_out).with_suffix("")), max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+        ddp_backend="gloo", seed=0,
     )  # fmt: skip
     timer = StepTimer()
     data = [{"input_ids": b, "labels": b} for b in blocks]
