@@ -1,6 +1,6 @@
 """AdaptPrunerCallback on an FSDP2 (`fully_shard`) model: 2 processes (gloo), launched by tests/test_distributed.py.
 
-    torchrun --nproc_per_node 2 tests/fsdp_job.py OUTPUT {training,calibration,physical}
+    torchrun --nproc_per_node 2 tests/fsdp_job.py OUTPUT {training,calibration,physical,distill}
 
 On CPU neither the Trainer nor accelerate will shard with FSDP (accelerate picks DDP for a CPU run), so this job
 shards the model itself and runs a short training loop that fires the Trainer's callback events through
@@ -9,11 +9,13 @@ with `fsdp_config={"fsdp_version": 2}` (DTensor parameters, gradients and Adam s
 
 Writes OUTPUT/result.json on rank 0 (per-step mask checks, parameter counts after each event, the stage targets,
 whether every rank chose the same units, losses), saves the model with `save_pruned` (called on every rank) and
-the sharded model's logits on a fixed prompt.
+the sharded model's logits on a fixed prompt. `distill` trains with a full (unsharded) teacher on every rank, as the
+README asks for FSDP2, after checking that `alpha=1.0` with that teacher (the model's own weights) is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 
-from hf_adapt_pruner import AdaptPrunerCallback, PrunerConfig, save_pruned
+from hf_adapt_pruner import AdaptPrunerCallback, DistillationConfig, PrunerConfig, save_pruned
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -60,6 +62,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = tiny_model("llama", gqa_ratio=3, layers=3)  # same seed on every rank
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if source == "distill" else None  # unsharded
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -69,15 +72,25 @@ def main() -> None:
                           amplitude=0.1, importance_source="calibration" if source == "calibration" else "training",
                           mode="physical" if source == "physical" else "auto", calibration_samples=8,
                           calibration_batch_size=4)  # fmt: skip
-    callback = AdaptPrunerCallback(config, calibration_data=calibration_blocks(n=16, seq_len=16))
-    recorder = Recorder(callback)
     args = TrainingArguments(output_dir=str(output / "run"), max_steps=STEPS, use_cpu=True, ddp_backend="gloo",
                              report_to=[], disable_tqdm=True)  # fmt: skip
+    refusal = None
+    if teacher is not None:  # the teacher has the sharded model's weights: alpha=1.0 would score event 1 with zeros
+        pure_kl = AdaptPrunerCallback(config, distillation=DistillationConfig(alpha=1.0), teacher=teacher)
+        try:
+            handler = CallbackHandler([pure_kl], model, None, optimizer, None)
+            handler.on_train_begin(args, TrainerState(max_steps=STEPS), TrainerControl())
+        except ValueError as error:
+            refusal = str(error)
+    distillation = DistillationConfig(alpha=0.5) if teacher is not None else None
+    callback = AdaptPrunerCallback(config, calibration_data=calibration_blocks(n=16, seq_len=16),
+                                   distillation=distillation, teacher=teacher)  # fmt: skip
+    recorder = Recorder(callback)
     handler = CallbackHandler([callback, recorder], model, None, optimizer, None)
     state, control = TrainerState(max_steps=STEPS), TrainerControl()
 
     data = calibration_blocks(n=64, seq_len=16)
-    losses = []
+    losses, distill_logs = [], []
     model.train()
     handler.on_train_begin(args, state, control)
     for step in range(STEPS):
@@ -92,6 +105,9 @@ def main() -> None:
         optimizer.zero_grad()
         state.global_step += 1
         handler.on_step_end(args, state, control)
+        logs = {"loss": losses[-1]}
+        handler.on_log(args, state, control, logs)  # as the Trainer logs a training step (logging_steps=1)
+        distill_logs.append({k: v for k, v in logs.items() if k.startswith("distill/")})
     handler.on_train_end(args, state, control)
 
     model.eval()
@@ -106,6 +122,10 @@ def main() -> None:
             "targets": [s.target_params for s in callback.schedule],
             "params": callback._pruner.num_parameters(),
             "losses": losses,
+            "distill_logs": distill_logs,
+            "refusal": refusal,
+            "teacher_params": sum(p.numel() for p in teacher.parameters()) if teacher is not None else None,
+            "teacher_frozen": teacher is not None and not any(p.requires_grad for p in teacher.parameters()),
         }
         (output / "result.json").write_text(json.dumps(result, indent=2))
     dist.barrier()

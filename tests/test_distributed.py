@@ -148,6 +148,24 @@ def test_fsdp2_prunes_with_masks_that_stay_zero(fsdp_run):
     assert all(torch.isfinite(torch.tensor(result["losses"])))
 
 
+@pytest.fixture(scope="module")
+def fsdp_distill_run(tmp_path_factory):
+    return run_job(tmp_path_factory, "distill", FSDP_JOB)  # a full teacher on every rank beside the sharded student
+
+
+@pytest.mark.slow
+def test_fsdp2_distillation_with_a_full_teacher_and_pure_kl_refused(fsdp_distill_run):
+    _, result = fsdp_distill_run
+    assert "alpha=1.0" in result["refusal"]  # the given teacher has the sharded model's weights
+    assert result["zero_after_every_step"] and all(e["same_on_every_rank"] for e in result["events"])
+    assert result["teacher_frozen"] and result["teacher_params"] > result["params"]
+    logs = result["distill_logs"]
+    assert all(set(log) == {"distill/ce", "distill/kl"} for log in logs)  # every step logged (reduced over ranks)
+    assert logs[0]["distill/kl"] < 1e-6  # before the first optimizer step the student is the teacher, gathered
+    assert all(log["distill/kl"] > 0 for log in logs[1:])
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+
+
 def test_fsdp2_save_gathers_and_slices_with_equal_logits(fsdp_run):
     output, _ = fsdp_run
     expected = torch.load(output / "logits.pt")  # the sharded, masked model's
