@@ -18,7 +18,7 @@ from .calibration import calibration_pool, prepared_calibration
 from .checks import check_optimizer, torch_optimizer, vocabulary_size
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
-from .distillation import DistillationConfig, Distiller
+from .distillation import DistillationConfig, Distiller, check_training_args
 from .distributed import ddp_mode, find_ddp_wrapper, rebuild_ddp_reducer, running_trainer
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
 from .pruner import AdaptivePruner
@@ -210,14 +210,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         return stored.get("attributes", {}) if isinstance(stored, dict) else {}
 
     def _start_distillation(self, args, state, model) -> None:
-        if args.label_smoothing_factor:
-            raise ValueError(
-                "label_smoothing_factor > 0 makes the Trainer compute the loss outside the model, where distillation "
-                "cannot mix it in: set label_smoothing_factor=0 (the KL term already softens the targets)."
-            )
-        if getattr(args, "loss_type", "nll") not in ("nll", None):
-            raise ValueError(f"loss_type={args.loss_type!r} (TRL) reweights the per-token loss; distillation "
-                             "supports loss_type='nll'.")  # fmt: skip
+        check_training_args(args)
         config, alpha = self.config, self._distiller.config.alpha
         taylor_from_training = config.importance_source == "training" and config.group_importance == "taylor"
         if alpha == 1.0 and taylor_from_training and self.events_done == 0 and self._distiller.is_copy_of(model):
@@ -232,7 +225,6 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         stored = self._stored_attributes(state).get("teacher_signature") if state.global_step > 0 else None
         self._distiller.start(model, autocast=autocast, resuming_at=state.global_step, stored_signature=stored)
         self.teacher_signature = self._distiller.signature
-        self._distiller.forwards = 0
 
     def _restore_or_build_schedule(self, state) -> None:
         schedule = self._stored_attributes(state).get("schedule")
@@ -315,13 +307,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self._distiller is not None and self._distiller.active:
-            if self._distiller.forwards == 0:
-                raise RuntimeError(
-                    f"Distillation is on, but no training forward with labels reached the model in step "
-                    f"{state.global_step}: the loss is computed outside the model (compute_loss_func, label "
-                    "smoothing, a Trainer subclass's compute_loss), where the teacher cannot be mixed in."
-                )
-            self._distiller.forwards = 0
+            self._distiller.check_step(state.global_step)
         stage = self._next_stage()
         if stage is not None and state.global_step >= stage.step:
             self._prune(args, state, optimizer)

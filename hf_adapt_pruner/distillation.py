@@ -194,6 +194,18 @@ def check_head(model: nn.Module, head) -> None:
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # student model -> its Distiller
 
 
+def check_training_args(args) -> None:
+    """Refuse Trainer (or TRL) arguments under which the loss is computed outside the model's forward."""
+    if args.label_smoothing_factor:
+        raise ValueError(
+            "label_smoothing_factor > 0 makes the Trainer compute the loss outside the model, where distillation "
+            "cannot mix it in: set label_smoothing_factor=0 (the KL term already softens the targets)."
+        )
+    if getattr(args, "loss_type", "nll") not in ("nll", None):
+        raise ValueError(f"loss_type={args.loss_type!r} (TRL) reweights the per-token loss; distillation "
+                         "supports loss_type='nll'.")  # fmt: skip
+
+
 def _distilling_forward(self, *args, **kwargs):
     """Installed as `model.forward` (bound to the model); finds this model's distiller."""
     distiller = _ACTIVE.get(self)
@@ -219,7 +231,7 @@ class Distiller:
         self.given_teacher = teacher
         self.teacher: nn.Module | None = None
         self.signature: dict[str, Any] | None = None
-        self.forwards = 0  # distilling forwards since the caller last reset it
+        self.forwards = 0  # distilling forwards since start() or the last check_step()
         self.seconds = 0.0  # wall time of the teacher and the loss (the student's forward excluded)
         self._student: nn.Module | None = None
         self._saved_forward = None  # the instance-level forward found at start() (accelerate's, TRL's) or None
@@ -270,6 +282,7 @@ class Distiller:
         self._arg_names = list(inspect.signature(type(student).forward).parameters)[1:]
         _ACTIVE[student] = self
         student.forward = types.MethodType(_distilling_forward, student)
+        self.forwards = 0
         logger.info(f"Distillation: alpha {self.config.alpha}, temperature {self.config.temperature}, teacher "
                     f"{signature['num_parameters']:,} parameters in {next(teacher.parameters()).dtype}")  # fmt: skip
 
@@ -373,6 +386,16 @@ class Distiller:
         self.forwards += 1
         stats = torch.stack([losses.ce.sum(), losses.kl.sum(), losses.ce.new_tensor(float(losses.rows.numel()))])
         self._stats = stats if self._stats is None else self._stats + stats
+
+    def check_step(self, step: int) -> None:
+        """At the end of a training step: the step's loss went through the distilling forward."""
+        if self.forwards == 0:
+            raise RuntimeError(
+                f"Distillation is on, but no training forward with labels reached the model in step {step}: the loss "
+                "is computed outside the model (compute_loss_func, label smoothing, a Trainer subclass's "
+                "compute_loss), where the teacher cannot be mixed in."
+            )
+        self.forwards = 0
 
     def pop_logs(self) -> dict[str, float]:
         """`distill/ce` and `distill/kl` per scored position since the last call, over all ranks (a collective
