@@ -60,6 +60,7 @@ class Spec:
     recovery_fraction: float = 0.2
     eval_blocks: int = 48
     bf16: bool = False  # train under bfloat16 autocast (evaluation stays float32)
+    teacher_dtype: str | None = None  # DistillationConfig.teacher_dtype of a distilled run
     smoke: bool = False
     text_dir: str = TEXT_DIR
     other_text_dir: str = OTHER_TEXT_DIR
@@ -96,14 +97,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Result JSONs whose rows of an identical spec are taken instead of run again.")  # fmt: skip
 
 
-def spec(args, method: str, seed: int, stages: int, steps: int, temperature: float = 1.0) -> Spec:
+def spec(args, method: str, seed: int, stages: int, steps: int, temperature: float = 1.0,
+         teacher_dtype: str | None = None) -> Spec:  # fmt: skip
     """A run of `method` with the common command-line settings (smoke shrinks everything)."""
     common = dict(batch_size=args.batch_size, learning_rate=args.learning_rate, text_dir=args.text_dir,
                   recovery_fraction=args.recovery_fraction, eval_blocks=args.eval_blocks,
                   other_text_dir=args.other_text_dir, temperature=temperature, bf16=args.bf16)  # fmt: skip
     if args.smoke:
         common |= dict(batch_size=2, eval_blocks=4, smoke=True)
-    return Spec(method=method, seed=seed, stages=stages, steps=steps, **common)
+    return Spec(method=method, seed=seed, stages=stages, steps=steps, teacher_dtype=teacher_dtype, **common)
 
 
 def train(model, blocks, spec: Spec, callback, output_dir: str) -> dict:
@@ -146,7 +148,8 @@ def one_run(spec: Spec, task: ClozeTask) -> dict:
     if spec.method != "original":
         distillation = None
         if spec.method != "lm":
-            distillation = DistillationConfig(alpha=float(spec.method), temperature=spec.temperature)
+            distillation = DistillationConfig(alpha=float(spec.method), temperature=spec.temperature,
+                                              teacher_dtype=spec.teacher_dtype)  # fmt: skip
         config = PrunerConfig(target_ratio=0.7, num_stages=spec.stages, importance_window=2 if spec.smoke else 4,
                               recovery_fraction=spec.recovery_fraction, inner_steps=5, calibration_samples=16,
                               calibration_seq_len=spec.seq_len)  # fmt: skip

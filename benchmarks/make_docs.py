@@ -273,9 +273,14 @@ def serving_section(result: dict, docs: Path) -> list[str]:
     return [*lines, ""]
 
 
+def teacher_dtype(settings: dict) -> str:
+    """', bfloat16 teacher' when a distilled run kept its teacher in another dtype (from a spec or `distill` entry)."""
+    return f", {settings['teacher_dtype']} teacher" if settings.get("teacher_dtype") else ""
+
+
 def distill_settings(result: dict) -> str:
     """The distilled runs, e.g. "alpha 0.5 at T 1"."""
-    return ", ".join(f"alpha {r['alpha']} at T {r['temperature']:g}" for r in result["distill"])
+    return ", ".join(f"alpha {r['alpha']} at T {r['temperature']:g}{teacher_dtype(r)}" for r in result["distill"])
 
 
 def distillation_section(result: dict, docs: Path) -> list[str]:
@@ -298,7 +303,8 @@ def distillation_section(result: dict, docs: Path) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     names = {"original": "original (no training)", "lm": "LM loss only"}
     for r in result["rows"]:
-        run = names.get(r["run"]) or f"distillation, alpha {r['run']}, T {r['spec']['temperature']:g}"
+        run = names.get(r["run"]) or f"distillation, alpha {r['run']}, T {r['spec']['temperature']:g}" \
+            f"{teacher_dtype(r['spec'])}"  # fmt: skip
         step = f"{r['median_step_s']:.2f} | {r['teacher_seconds_per_step']:.2f} | " \
                f"{r['rss_peak_train_bytes'] / gib:.2f}" if "median_step_s" in r else "— | — | —"  # fmt: skip
         lines.append(f"| {run} | {r['seed']} | {r['params']:,} | "
