@@ -18,7 +18,7 @@ from .calibration import calibration_pool, prepared_calibration
 from .checks import check_optimizer, torch_optimizer, vocabulary_size
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
-from .distillation import DistillationConfig, Distiller, check_training_args
+from .distillation import DistillationConfig, Distiller, check_training_args, stop_distillation
 from .distributed import ddp_mode, find_ddp_wrapper, rebuild_ddp_reducer, running_trainer
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
 from .pruner import AdaptivePruner
@@ -187,6 +187,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         logger.info(f"Adapt-Accel schedule: {events}")
         if self._distiller is not None:
             self._start_distillation(args, state, model)  # before an event at step 0: the teacher is unpruned
+        else:
+            stop_distillation(model)  # left on the model by a run that stopped with an exception
         if self.events_done < len(self.schedule) and self.schedule[self.events_done].step <= state.global_step:
             self._prune(args, state, optimizer)  # an event at step 0 (calibration-based importance)
         self._update_window(state)

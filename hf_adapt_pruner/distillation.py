@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import time
 import types
@@ -191,7 +192,14 @@ def check_head(model: nn.Module, head) -> None:
         )
 
 
-_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # student model -> its Distiller
+# student model -> weak reference to its Distiller (the Distiller holds the model: a strong value would keep both,
+# and the teacher, alive for the rest of the process)
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _active(model: nn.Module) -> Distiller | None:
+    ref = _ACTIVE.get(model)
+    return ref() if ref is not None else None
 
 
 def check_training_args(args) -> None:
@@ -206,12 +214,38 @@ def check_training_args(args) -> None:
                          "supports loss_type='nll'.")  # fmt: skip
 
 
+def stop_distillation(model: nn.Module) -> None:
+    """Put back the own forward of `model` (PEFT unwrapped) if a distiller is still installed on it: after a run
+    that stopped with an exception (the Trainer calls no `on_train_end` then), while its Trainer is still alive."""
+    distiller = _active(unwrap_peft(model))
+    if distiller is not None:
+        distiller.stop()
+
+
 def _distilling_forward(self, *args, **kwargs):
     """Installed as `model.forward` (bound to the model); finds this model's distiller."""
-    distiller = _ACTIVE.get(self)
-    if distiller is None:  # a deep copy of a distilling model: plain forward
+    distiller = _active(self)
+    if distiller is None:  # a deep copy of a distilling model, or its distiller is gone: the class's forward, for good
+        if _is_distilling(self.__dict__.get("forward")):
+            del self.__dict__["forward"]
         return type(self).forward(self, *args, **kwargs)
     return distiller.forward(self, *args, **kwargs)
+
+
+def _is_distilling(forward) -> bool:
+    return getattr(getattr(forward, "__func__", None), "_hf_adapt_pruner_distilling", False)
+
+
+def _install_distilling_forward(model: nn.Module) -> None:
+    """`model.forward = _distilling_forward` bound to `model`, with the signature of the class's forward: the Trainer
+    keeps only the dataset columns that this signature names (a Trainer built while it is installed included)."""
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, **kwargs):
+        return _distilling_forward(self, *args, **kwargs)
+
+    forward._hf_adapt_pruner_distilling = True
+    model.forward = types.MethodType(forward, model)
 
 
 class Distiller:
@@ -231,7 +265,7 @@ class Distiller:
         self.given_teacher = teacher
         self.teacher: nn.Module | None = None
         self.signature: dict[str, Any] | None = None
-        self.forwards = 0  # distilling forwards since start() or the last check_step()
+        self.backward_passes = 0  # backward passes through a distillation loss since start() or check_step()
         self.seconds = 0.0  # wall time of the teacher and the loss (the student's forward excluded)
         self._student: nn.Module | None = None
         self._saved_forward = None  # the instance-level forward found at start() (accelerate's, TRL's) or None
@@ -260,10 +294,8 @@ class Distiller:
         `resuming_at > 0`: the model is a checkpoint's, so the teacher must be given; `stored_signature` (from the
         run's first start) must then match it."""
         student = unwrap_peft(model)
-        previous = _ACTIVE.get(student)
-        if previous is not None:  # left installed by a run that failed before on_train_end
-            previous.stop()
-        if self._is_distilling(student.__dict__.get("forward")):  # a deep copy of a distilling model
+        stop_distillation(student)  # left installed by a run that failed before on_train_end
+        if _is_distilling(student.__dict__.get("forward")):  # a deep copy of a distilling model
             del student.__dict__["forward"]
         teacher = self._teacher_for(student, resuming_at)
         signature = teacher_signature(teacher)
@@ -280,9 +312,9 @@ class Distiller:
         self._device = next(student.parameters()).device
         self._previous = student.forward
         self._arg_names = list(inspect.signature(type(student).forward).parameters)[1:]
-        _ACTIVE[student] = self
-        student.forward = types.MethodType(_distilling_forward, student)
-        self.forwards = 0
+        _ACTIVE[student] = weakref.ref(self)
+        _install_distilling_forward(student)
+        self.backward_passes = 0
         logger.info(f"Distillation: alpha {self.config.alpha}, temperature {self.config.temperature}, teacher "
                     f"{signature['num_parameters']:,} parameters in {next(teacher.parameters()).dtype}")  # fmt: skip
 
@@ -313,14 +345,15 @@ class Distiller:
             )
         if getattr(teacher, "hf_device_map", None) is None:
             teacher.to(next(student.parameters()).device)
-        if dtype is not None:
-            teacher.to(dtype)
+        if dtype is not None:  # parameters only, as copy_as_teacher: buffers (rotary frequencies) keep their dtype
+            for param in teacher.parameters():
+                param.data = param.data.to(dtype)
         return teacher.eval().requires_grad_(False)
 
     def stop(self) -> None:
         """Put the model's own forward back and release the teacher."""
         student = self._student
-        if student is not None and _ACTIVE.get(student) is self:
+        if student is not None and _active(student) is self:
             del _ACTIVE[student]
             if self._saved_forward is not None:
                 student.forward = self._saved_forward
@@ -328,17 +361,13 @@ class Distiller:
                 student.__dict__.pop("forward", None)
         self._student = self._previous = self._saved_forward = self._head = self.teacher = None
 
-    @staticmethod
-    def _is_distilling(forward) -> bool:
-        return getattr(forward, "__func__", None) is _distilling_forward
-
     # --- the forward ------------------------------------------------------------------------------------------
     def forward(self, model: nn.Module, *args, **kwargs):
         if args:  # positional arguments, by the names of the model class's forward
             kwargs = {**dict(zip(self._arg_names, args)), **kwargs}
         labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
-        if not model.training or (labels is None and shift_labels is None) or self.teacher is None:
-            return self._previous(**kwargs)  # evaluation, generation, calibration passes: unchanged
+        if not model.training or (labels is None and shift_labels is None) or not torch.is_grad_enabled():
+            return self._previous(**kwargs)  # evaluation, generation, calibration and metric passes: unchanged
         if kwargs.get("input_ids") is None:
             raise ValueError("Distillation needs input_ids (the teacher embeds them itself), not inputs_embeds.")
         fused = kwargs.pop("fused_lm_head", False)
@@ -358,6 +387,8 @@ class Distiller:
                                          self.config.temperature, self.config.chunk_size)  # fmt: skip
         norm = num_items if num_items is not None else max(losses.rows.numel(), 1)
         loss = losses.mixed.sum() / norm
+        if losses.mixed.requires_grad:  # the loss and TRL's per-position values both come from it
+            losses.mixed.register_hook(self._count_backward)
         self._record(losses)
         self.seconds += time.perf_counter() - start
         if fused:
@@ -382,20 +413,22 @@ class Distiller:
                                is_top1=grid(losses.is_top1), label_mask=mask[:, :-1] if shifted else mask)  # fmt: skip
 
     # --- statistics -------------------------------------------------------------------------------------------
+    def _count_backward(self, grad: torch.Tensor) -> None:
+        self.backward_passes += 1
+
     def _record(self, losses) -> None:
-        self.forwards += 1
         stats = torch.stack([losses.ce.sum(), losses.kl.sum(), losses.ce.new_tensor(float(losses.rows.numel()))])
         self._stats = stats if self._stats is None else self._stats + stats
 
     def check_step(self, step: int) -> None:
-        """At the end of a training step: the step's loss went through the distilling forward."""
-        if self.forwards == 0:
+        """At the end of a training step: the step's backward pass went through the distillation loss."""
+        if self.backward_passes == 0:
             raise RuntimeError(
-                f"Distillation is on, but no training forward with labels reached the model in step {step}: the loss "
-                "is computed outside the model (compute_loss_func, label smoothing, a Trainer subclass's "
-                "compute_loss), where the teacher cannot be mixed in."
+                f"Distillation is on, but the backward pass of step {step} did not go through the distillation loss: "
+                "the training loss is computed outside the model or from its logits (compute_loss_func, label "
+                "smoothing, a Trainer subclass's compute_loss), where the teacher cannot be mixed in."
             )
-        self.forwards = 0
+        self.backward_passes = 0
 
     def pop_logs(self) -> dict[str, float]:
         """`distill/ce` and `distill/kl` per scored position since the last call, over all ranks (a collective

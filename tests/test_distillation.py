@@ -147,3 +147,53 @@ def test_vocabulary_mismatch_and_the_model_itself_are_refused():
         Distiller(DistillationConfig(), teacher=model).start(model)
     assert "forward" not in model.__dict__
     assert VOCAB == 128
+
+
+def started(alpha=0.5, teacher=None):
+    """A tiny llama in training mode with a distiller installed, and a batch with labels."""
+    model = tiny_model("llama", gqa_ratio=3).train()
+    distiller = Distiller(DistillationConfig(alpha=alpha, chunk_size=5), teacher=teacher)
+    distiller.start(model)
+    return model, distiller, calibration_blocks(n=2, seq_len=10)
+
+
+def test_a_step_whose_backward_skips_the_distillation_loss_is_refused():
+    model, distiller, batch = started()
+    with torch.no_grad():  # e.g. TRL's metrics forward after a compute_loss_func: the stock forward and loss
+        stock = type(model).forward(model, input_ids=batch, labels=batch).loss
+        torch.testing.assert_close(model(input_ids=batch, labels=batch).loss, stock)
+    with pytest.raises(RuntimeError, match="backward pass of step 1 did not go through the distillation loss"):
+        distiller.check_step(1)
+    model(input_ids=batch, labels=batch).logits.mean().backward()  # a loss taken from the logits, not the model's
+    with pytest.raises(RuntimeError, match="backward pass of step 2 did not go through the distillation loss"):
+        distiller.check_step(2)
+    model(input_ids=batch, labels=batch).loss.backward()
+    distiller.check_step(3)  # went through it
+    distiller.stop()
+
+
+def test_a_distilling_model_that_is_dropped_is_freed():
+    import gc
+    import weakref
+
+    model, distiller, batch = started()
+    model(input_ids=batch, labels=batch).loss.backward()  # then no stop(): a run that failed
+    model_ref, teacher_ref = weakref.ref(model), weakref.ref(distiller.teacher)
+    del model, distiller
+    gc.collect()
+    assert model_ref() is None and teacher_ref() is None
+
+
+def test_a_given_teacher_in_another_dtype_is_cast_as_the_copy_is():
+    model = tiny_model("llama", gqa_ratio=3)
+    given = copy.deepcopy(model)
+    copied = copy_as_teacher(model, torch.bfloat16)
+    distiller = Distiller(DistillationConfig(teacher_dtype="bfloat16"), teacher=given)
+    distiller.start(model)
+    buffers = {name: b.dtype for name, b in copied.named_buffers()}
+    assert {name: b.dtype for name, b in given.named_buffers()} == buffers and torch.float32 in buffers.values()
+    assert all(p.dtype == torch.bfloat16 for p in given.parameters())
+    batch = calibration_blocks(n=1, seq_len=64)
+    with torch.no_grad():
+        torch.testing.assert_close(given(input_ids=batch).logits, copied(input_ids=batch).logits, rtol=0, atol=0)
+    distiller.stop()

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_adapt_pruner import AdaptPrunerCallback, DistillationConfig, PrunerConfig, count_parameters, load_pruned
+from hf_adapt_pruner.distillation import stop_distillation
 from hf_adapt_pruner.distillation_loss import scored_positions
 
 from test_distillation import direct_loss
@@ -116,19 +117,23 @@ def test_bf16_autocast_and_gradient_checkpointing(tmp_path, args, teacher_dtype)
     assert all(torch.isfinite(torch.tensor(losses))) and "distill/kl" in trainer.state.log_history[0]
 
 
-def test_sft_trainer_trains_on_the_distillation_loss(tmp_path):
+def sft_trainer(tmp_path, model, callback, **kwargs):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 128, (14,), generator=g)) for _ in range(32)]
-    model = tiny_model("llama").train()
-    callback = make_callback(DistillationConfig(alpha=0.5), target_ratio=0.8)
     args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=8, per_device_train_batch_size=4, report_to=[],
                          use_cpu=True, logging_steps=2, save_strategy="no", learning_rate=1e-3, disable_tqdm=True,
                          max_length=16)  # fmt: skip
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                             processing_class=tiny_tokenizer(), callbacks=[callback])  # fmt: skip
+    return trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                          processing_class=tiny_tokenizer(), callbacks=[callback], **kwargs)  # fmt: skip
+
+
+def test_sft_trainer_trains_on_the_distillation_loss(tmp_path):
+    model = tiny_model("llama").train()
+    callback = make_callback(DistillationConfig(alpha=0.5), target_ratio=0.8)
+    trainer = sft_trainer(tmp_path, model, callback)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(callback.reports) == 2 and all("mean_token_accuracy" in h and "distill/kl" in h for h in logs)
@@ -136,6 +141,45 @@ def test_sft_trainer_trains_on_the_distillation_loss(tmp_path):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     assert model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.shape == (1, 4)  # TRL's forward is back
     assert callback._distiller.teacher is None
+
+
+def test_sft_trainer_with_a_compute_loss_func_is_refused(tmp_path):
+    """TRL trains on compute_loss_func(model(inputs without labels)) and runs a labelled forward under no_grad for
+    its metrics: that forward must not count as distillation (it did, and the KL was logged but never trained)."""
+    model = tiny_model("llama").train()
+    own = {"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: outputs.logits.float().mean()}
+    with pytest.warns(FutureWarning, match="compute_loss_func"), pytest.raises(RuntimeError, match="step 1 did not"):
+        sft_trainer(tmp_path, model, make_callback(DistillationConfig(alpha=0.5), target_ratio=0.8), **own).train()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "next run with the callback",
+        *(pytest.param(c, marks=pytest.mark.slow) for c in ("failed Trainer dropped", "stop_distillation")),
+    ],
+)
+def test_after_a_failed_run_the_next_trainer_trains_on_its_own_loss(tmp_path, case):
+    class Fail(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise MemoryError("out of memory")  # the run stops without on_train_end
+
+    model = tiny_model("llama", gqa_ratio=3).train()
+    with pytest.raises(MemoryError) as failure:  # its traceback holds the failed Trainer, as a notebook would
+        train(tmp_path / "a", model, make_callback(), extra_callbacks=[Fail()])
+    assert "forward" in model.__dict__  # the distilling forward is still installed
+    callback = TrainerCallback()  # no distillation
+    if case == "failed Trainer dropped":  # the distiller goes with it
+        del failure
+    elif case == "stop_distillation":  # while the failed Trainer lives (a notebook), the README's one call
+        stop_distillation(model)
+    else:
+        callback = AdaptPrunerCallback(PrunerConfig(target_ratio=0.5, num_stages=1, importance_window=1, round_to=1))
+    trainer = train(tmp_path / "b", model, callback, max_steps=2, logging_steps=1)
+    assert "forward" not in model.__dict__ and "distill/kl" not in trainer.state.log_history[0]
+    stock = type(model).forward(model, input_ids=DATA[0]["input_ids"][None], labels=DATA[0]["labels"][None]).loss
+    torch.testing.assert_close(model(input_ids=DATA[0]["input_ids"][None], labels=DATA[0]["labels"][None]).loss, stock)
 
 
 def test_checkpoints_hold_no_teacher_and_resume_needs_the_original(tmp_path):
@@ -170,7 +214,7 @@ def test_checkpoints_hold_no_teacher_and_resume_needs_the_original(tmp_path):
     [
         ({"label_smoothing_factor": 0.1}, {}, ValueError, "label_smoothing_factor"),
         ({}, {"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: outputs.logits.mean()},
-         RuntimeError, "no training forward with labels"),
+         RuntimeError, "backward pass of step 1 did not go through the distillation loss"),
     ],
 )  # fmt: skip
 def test_losses_computed_outside_the_model_are_refused(tmp_path, overrides, trainer_kwargs, error, message):
