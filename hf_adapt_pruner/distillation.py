@@ -366,7 +366,8 @@ class Distiller:
         if args:  # positional arguments, by the names of the model class's forward
             kwargs = {**dict(zip(self._arg_names, args)), **kwargs}
         labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
-        if not model.training or (labels is None and shift_labels is None) or not torch.is_grad_enabled():
+        plain = not model.training or not torch.is_grad_enabled() or self.teacher is None
+        if plain or (labels is None and shift_labels is None):
             return self._previous(**kwargs)  # evaluation, generation, calibration and metric passes: unchanged
         if kwargs.get("input_ids") is None:
             raise ValueError("Distillation needs input_ids (the teacher embeds them itself), not inputs_embeds.")
