@@ -119,7 +119,7 @@ def output_vocab_size(model: nn.Module) -> int:
 
 def copy_as_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """A frozen copy of `model`, in eval mode, whose parameters are cast to `dtype` while copying (no full-precision
-    copy first); buffers (rotary frequencies) keep their dtype. Tied weights stay tied."""
+    copy first); buffers (rotary frequencies) keep their dtype. Tied weights stay tied; LoRA adapters are merged."""
     if has_sharded_parameters(model):
         raise ValueError(
             "The model's parameters are sharded (FSDP2): a copy would be sharded too. Pass a full teacher on every "
@@ -132,7 +132,20 @@ def copy_as_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     teacher = copy.deepcopy(model, memo)
     for key in ("forward", "_original_forward"):  # instance-level wrappers (accelerate's autocast, TRL's fused head)
         teacher.__dict__.pop(key, None)
+    merge_lora_(teacher)
     return teacher.eval()  # no dropout
+
+
+def merge_lora_(model: nn.Module) -> None:
+    """Replace every LoRA layer of `model` (PEFT-injected) by its base layer with the active adapters' deltas added:
+    a teacher copied from a LoRA run computes what the model computed, without the adapter branches, and its
+    fingerprint is that of the merged model (the plain original when the adapters are new: `lora_B` is zero)."""
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "get_base_layer") and hasattr(module, "lora_A"):
+            if not module.merged and not module.disable_adapters:
+                module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
 
 
 def teacher_signature(teacher: nn.Module) -> dict[str, Any]:

@@ -141,3 +141,39 @@ def test_lora_training_with_calibration_importance_prunes_during_training(tmp_pa
     assert len(callback.reports) == 2
     assert abs(count_parameters(peft_model) - round(params * 0.8)) <= 0.01 * params
     assert torch.isfinite(logits(peft_model.eval())).all()
+
+
+def test_distillation_on_a_lora_run_takes_the_merged_model_as_teacher(tmp_path):
+    """The teacher copied from a LoRA run is the model as it computed at the start, adapters merged in: no adapter
+    branches to run, and the fingerprint of the merged model (to resume with)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_adapt_pruner import AdaptPrunerCallback, DistillationConfig
+    from hf_adapt_pruner.distillation import same_teacher, teacher_signature
+
+    peft_model = lora_model("llama")
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    expected_logits = logits(peft_model)
+
+    class TeacherProbe(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                teacher = callback._distiller.teacher
+                self.has_lora = any(hasattr(m, "lora_A") for m in teacher.modules())
+                self.logits = logits(teacher)
+
+    data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=16)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-3,
+                             logging_steps=4)  # fmt: skip
+    config = PrunerConfig(target_ratio=0.8, num_stages=2, importance_source="calibration", inner_steps=2,
+                          calibration_samples=8, round_to=1)  # fmt: skip
+    callback = AdaptPrunerCallback(config, calibration_blocks(n=16, seed=3), distillation=DistillationConfig())
+    probe = TeacherProbe()
+    trainer = Trainer(model=peft_model.train(), args=args, train_dataset=data, callbacks=[callback, probe])
+    trainer.train()
+    assert not probe.has_lora
+    torch.testing.assert_close(probe.logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert callback.teacher_signature["num_parameters"] == count_parameters(merged)
+    assert same_teacher(callback.teacher_signature, teacher_signature(merged))
+    assert len(callback.reports) == 2 and all("distill/kl" in h for h in trainer.state.log_history[:-1])
