@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_adapt_pruner.distillation import DistillationConfig, Distiller, copy_as_teacher
+from hf_adapt_pruner.distillation import DistillationConfig, Distiller
 from hf_adapt_pruner.distillation_loss import distillation_losses, scored_positions
+from hf_adapt_pruner.teacher import copy_as_teacher
 
 from tiny_models import MODEL_TYPES, VOCAB, calibration_blocks, tiny_model
 

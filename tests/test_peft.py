@@ -149,7 +149,7 @@ def test_distillation_on_a_lora_run_takes_the_merged_model_as_teacher(tmp_path):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_adapt_pruner import AdaptPrunerCallback, DistillationConfig
-    from hf_adapt_pruner.distillation import same_teacher, teacher_signature
+    from hf_adapt_pruner.teacher import same_teacher, teacher_signature
 
     peft_model = lora_model("llama")
     merged = copy.deepcopy(peft_model).merge_and_unload()

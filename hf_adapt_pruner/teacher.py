@@ -1,0 +1,105 @@
+"""The teacher of a distillation run: a frozen copy of the student (cast, LoRA merged) or a given model, checked
+against the student, and a fingerprint of its weights to recognise it again when a run resumes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import unwrap_peft
+from .sharding import has_sharded_parameters
+
+
+def output_vocab_size(model: nn.Module) -> int:
+    return unwrap_peft(model).get_output_embeddings().weight.shape[0]
+
+
+def copy_as_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A frozen copy of `model`, in eval mode, whose parameters are cast to `dtype` while copying (no full-precision
+    copy first); buffers (rotary frequencies) keep their dtype. Tied weights stay tied; LoRA adapters are merged."""
+    if has_sharded_parameters(model):
+        raise ValueError(
+            "The model's parameters are sharded (FSDP2): a copy would be sharded too. Pass a full teacher on every "
+            "rank: AdaptPrunerCallback(config, distillation=..., teacher=original_model)."
+        )
+    memo = {}
+    for param in model.parameters():
+        if id(param) not in memo:
+            memo[id(param)] = nn.Parameter(param.detach().to(dtype or param.dtype, copy=True), requires_grad=False)
+    teacher = copy.deepcopy(model, memo)
+    for key in ("forward", "_original_forward"):  # instance-level wrappers (accelerate's autocast, TRL's fused head)
+        teacher.__dict__.pop(key, None)
+    merge_lora_(teacher)
+    return teacher.eval()  # no dropout
+
+
+def merge_lora_(model: nn.Module) -> None:
+    """Replace every LoRA layer of `model` (PEFT-injected) by its base layer with the active adapters' deltas added:
+    a teacher copied from a LoRA run computes what the model computed, without the adapter branches, and its
+    fingerprint is that of the merged model (the plain original when the adapters are new: `lora_B` is zero)."""
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "get_base_layer") and hasattr(module, "lora_A"):
+            if not module.merged and not module.disable_adapters:
+                module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+
+
+def teacher_signature(teacher: nn.Module) -> dict[str, Any]:
+    """A fingerprint of the teacher's weights (JSON), stored with the callback's state to check it on resume."""
+    abs_sum, sq_sum = 0.0, 0.0
+    with torch.no_grad():
+        for param in teacher.parameters():
+            for values in param.detach().reshape(-1).split(1 << 22):  # float64 in slices: a small transient copy
+                values = values.double()
+                abs_sum += float(values.abs().sum())
+                sq_sum += float(values.square().sum())
+    n = sum(p.numel() for p in teacher.parameters())
+    return {"num_parameters": n, "vocab_size": output_vocab_size(teacher), "abs_sum": abs_sum, "sq_sum": sq_sum}
+
+
+def same_teacher(a: dict[str, Any], b: dict[str, Any], rtol: float = 1e-4) -> bool:
+    if a["num_parameters"] != b["num_parameters"] or a["vocab_size"] != b["vocab_size"]:
+        return False
+    return all(abs(a[k] - b[k]) <= rtol * max(abs(a[k]), abs(b[k])) for k in ("abs_sum", "sq_sum"))
+
+
+def logits_head(model: nn.Module):
+    """`hidden (c, H) -> logits (c, V)`: the output embedding plus the final transforms some configs declare
+    (`logit_scale` / `logits_scaling` multipliers, `final_logit_softcapping`). `check_head` verifies it."""
+    lm_head = model.get_output_embeddings()
+    config = model.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    if scale is None and getattr(config, "logits_scaling", None):
+        scale = 1.0 / config.logits_scaling  # Granite divides
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(hidden)
+        if scale is not None:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return head
+
+
+def check_head(model: nn.Module, head) -> None:
+    """Refuse a teacher whose logits `head` cannot reproduce from its final hidden states."""
+    embeddings = model.get_input_embeddings().weight
+    ids = torch.arange(1, 9, device=embeddings.device)[None] % embeddings.shape[0]
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits.float()
+        got = head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state).float()
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-5):
+        raise ValueError(
+            f"The teacher ({type(model).__name__}) computes its logits from its hidden states in a way distillation "
+            "does not reproduce (max difference {:.3g}); only output embeddings with logit_scale / logits_scaling / "
+            "final_logit_softcapping are supported. Please report the architecture.".format(
+                float((got - expected).abs().max())
+            )
+        )
