@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -212,6 +213,46 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "get_base_layer") and hasattr(module, "lora_A")
+
+
+def detached_copy(model: nn.Module, memo: dict[int, object]) -> nn.Module:
+    """`copy.deepcopy(model, memo)` without instance-level forward wrappers (accelerate's autocast, TRL's fused head,
+    a distilling forward): `memo` maps `id(tensor)` to what the copy holds instead (a cast copy, or the tensor itself
+    to share it)."""
+    model_copy = copy.deepcopy(model, memo)
+    for key in ("forward", "_original_forward"):
+        model_copy.__dict__.pop(key, None)
+    return model_copy
+
+
+def remove_lora_layers_(model: nn.Module, merge: bool) -> nn.Module:
+    """Replace every LoRA layer PEFT injected into the transformers `model` (as `unwrap_peft` returns it) by the layer
+    it wraps, after adding the active adapters' deltas to it if `merge`; `model` is then a plain transformers model."""
+    for name, module in list(model.named_modules()):
+        if not is_lora_layer(module):
+            continue
+        if merge and not module.merged and not module.disable_adapters:
+            module.merge()
+        elif not merge and module.merged:
+            raise ValueError(
+                f"{name} has its adapters merged into its weight: unmerge them first (unmerge_adapter())."
+            )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module.get_base_layer())
+    model.__dict__.pop("peft_config", None)
+    return model
+
+
+def base_without_adapters(model: nn.Module) -> nn.Module:
+    """The transformers model inside the PEFT `model` with its LoRA layers taken out, sharing every weight with
+    `model` (nothing is copied and `model` is unchanged): what `model.unload()` would return."""
+    base = unwrap_peft(model)
+    shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    return remove_lora_layers_(detached_copy(base, shared), merge=False)
+
+
 def decoder_layers(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
     try:
         return unwrap_peft(model).get_submodule(spec.layers)
@@ -226,7 +267,7 @@ def _resolve(layer: nn.Module, index: int, path: str) -> tuple[nn.Module, nn.Mod
     """(module holding the weight, PEFT adapter layer around it or None); refuses what cannot be sliced."""
     module = layer.get_submodule(path)
     adapter = None
-    if hasattr(module, "get_base_layer") and hasattr(module, "lora_A"):
+    if is_lora_layer(module):
         unsupported = [n for n in ("lora_embedding_A", "lora_magnitude_vector") if getattr(module, n, None)]
         if unsupported:
             raise TypeError(f"layer {index}: {path} carries {unsupported[0]} (DoRA / embedding LoRA); only plain LoRA "

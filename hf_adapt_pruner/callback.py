@@ -6,14 +6,17 @@ The callback holds no algorithm: it turns Trainer events into engine calls (`Ada
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .architectures import base_without_adapters, unwrap_peft
 from .calibration import calibration_pool, prepared_calibration
 from .checks import check_optimizer, torch_optimizer, vocabulary_size
 from .config import PrunerConfig
@@ -25,10 +28,13 @@ from .pruner import AdaptivePruner
 from .report import PruneReport, TensorBoardTables, record_event
 from .schedule import Stage, build_schedule
 from .scorers import CalibrationScorer, StaticScorer
+from .serialization import save_pruned
 from .sharding import has_sharded_parameters
 
 
 logger = logging.get_logger(__name__)
+
+PRUNED_BASE_DIR = "pruned_base"  # in a LoRA run's checkpoints: the pruned base weights the adapter belongs to
 
 
 class AdaptPrunerCallback(TrainerCallback, ExportableState):
@@ -390,6 +396,18 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(self._pending_logs)
         self._pending_logs = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """A LoRA run's checkpoint holds the adapter only (the Trainer saves a `PeftModel` that way), not the pruned
+        base weights it belongs to: write those beside it, in `pruned_base/`, so that the run can resume from it."""
+        if model is None or unwrap_peft(model) is model:
+            return
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not checkpoint.is_dir():  # a hyper-parameter search writes elsewhere
+            logger.warning(f"No checkpoint folder {checkpoint}: the pruned base of this LoRA run is not saved.")
+            return
+        save_pruned(base_without_adapters(model), checkpoint / PRUNED_BASE_DIR, overwrite=True,
+                    pruner_config=self.config)  # fmt: skip
 
     def on_train_end(self, args, state, control, **kwargs):
         self._close_window()

@@ -3,13 +3,12 @@ against the student, and a fingerprint of its weights to recognise it again when
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-from .architectures import unwrap_peft
+from .architectures import detached_copy, remove_lora_layers_, unwrap_peft
 from .sharding import has_sharded_parameters
 
 
@@ -29,23 +28,10 @@ def copy_as_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     for param in model.parameters():
         if id(param) not in memo:
             memo[id(param)] = nn.Parameter(param.detach().to(dtype or param.dtype, copy=True), requires_grad=False)
-    teacher = copy.deepcopy(model, memo)
-    for key in ("forward", "_original_forward"):  # instance-level wrappers (accelerate's autocast, TRL's fused head)
-        teacher.__dict__.pop(key, None)
-    merge_lora_(teacher)
+    # LoRA merged: the teacher computes what the model computed, without the adapter branches, and its fingerprint is
+    # the merged model's (the plain original when the adapters are new, with lora_B zero)
+    teacher = remove_lora_layers_(detached_copy(model, memo), merge=True)
     return teacher.eval()  # no dropout
-
-
-def merge_lora_(model: nn.Module) -> None:
-    """Replace every LoRA layer of `model` (PEFT-injected) by its base layer with the active adapters' deltas added:
-    a teacher copied from a LoRA run computes what the model computed, without the adapter branches, and its
-    fingerprint is that of the merged model (the plain original when the adapters are new: `lora_B` is zero)."""
-    for name, module in list(model.named_modules()):
-        if hasattr(module, "get_base_layer") and hasattr(module, "lora_A"):
-            if not module.merged and not module.disable_adapters:
-                module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
 
 
 def teacher_signature(teacher: nn.Module) -> dict[str, Any]:

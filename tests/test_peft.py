@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -177,3 +178,47 @@ def test_distillation_on_a_lora_run_takes_the_merged_model_as_teacher(tmp_path):
     assert callback.teacher_signature["num_parameters"] == count_parameters(merged)
     assert same_teacher(callback.teacher_signature, teacher_signature(merged))
     assert len(callback.reports) == 2 and all("distill/kl" in h for h in trainer.state.log_history[:-1])
+
+
+def test_a_pruning_lora_run_resumes_from_its_checkpoint_with_the_pruned_base(tmp_path):
+    """The checkpoint holds the adapter (the Trainer's) and the pruned base (the callback's, in pruned_base/); with
+    distillation, the plain original is the teacher to resume with (the teacher was the model with new adapters)."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_adapt_pruner import AdaptPrunerCallback, DistillationConfig
+
+    data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=24)]
+    config = PrunerConfig(target_ratio=0.8, num_stages=2, importance_source="calibration", inner_steps=2,
+                          calibration_samples=8, round_to=1)  # fmt: skip
+
+    def run(folder, model, resume=None, teacher=None):
+        args = TrainingArguments(output_dir=str(folder), max_steps=12, per_device_train_batch_size=2, report_to=[],
+                                 save_strategy="steps", save_steps=6, use_cpu=True, disable_tqdm=True,
+                                 learning_rate=1e-3, seed=0)  # fmt: skip
+        callback = AdaptPrunerCallback(config, calibration_blocks(n=16, seed=3), distillation=DistillationConfig(),
+                                       teacher=teacher)  # fmt: skip
+        Trainer(model=model.train(), args=args, train_dataset=data, callbacks=[callback]).train(resume)
+        return callback
+
+    def new_lora_model():
+        return get_peft_model(tiny_model("llama", gqa_ratio=3), LoraConfig(r=4, target_modules="all-linear"))
+
+    full_model = new_lora_model()
+    full = run(tmp_path / "a", full_model)
+    checkpoint = tmp_path / "a" / "checkpoint-6"  # after the event at step 0, before the one at step 11
+    assert [r.step for r in full.schedule] == [0, 11]
+    base = load_pruned(checkpoint / "pruned_base")
+    first_event = json.loads((tmp_path / "a" / "prune_events.json").read_text())[0]
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        assert base.config.pruned_layout[key] == first_event[key]
+    assert not any(hasattr(m, "lora_A") for m in base.modules())
+    assert any(hasattr(m, "lora_A") for m in full_model.modules())  # the live model kept its adapters
+
+    model = PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
+    resumed = run(tmp_path / "b", model, resume=str(checkpoint), teacher=tiny_model("llama", gqa_ratio=3))
+    assert len(resumed.reports) == 1
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        assert (
+            model.get_base_model().config.pruned_layout[key] == full_model.get_base_model().config.pruned_layout[key]
+        )
+    torch.testing.assert_close(logits(model.eval()), logits(full_model.eval()), rtol=1e-4, atol=1e-5)
