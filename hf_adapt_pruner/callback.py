@@ -70,7 +70,9 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
     Resuming: load the checkpoint's pruned model (`load_pruned(ckpt)` or `from_pretrained(ckpt,
     trust_remote_code=True)`), build the Trainer with the same callback config and call
     `trainer.train(resume_from_checkpoint=ckpt)`; the stored schedule continues where it stopped. With distillation,
-    pass the original model as `teacher` (it is checked against the teacher the run started with).
+    pass the original model as `teacher` (it is checked against the teacher the run started with). A LoRA run's
+    checkpoint holds the adapter (the Trainer's) and the pruned base in `pruned_base/` (this callback's): resume
+    with `PeftModel.from_pretrained(load_pruned(ckpt / "pruned_base"), ckpt, is_trainable=True)`.
     """
 
     def __init__(
