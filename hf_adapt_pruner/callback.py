@@ -405,9 +405,9 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         if model is None or unwrap_peft(model) is model:
             return
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not checkpoint.is_dir():  # a hyper-parameter search writes elsewhere
-            logger.warning(f"No checkpoint folder {checkpoint}: the pruned base of this LoRA run is not saved.")
-            return
+        if state.is_world_process_zero and not checkpoint.is_dir():  # every rank goes on (FSDP2 gathers)
+            logger.warning(f"No checkpoint folder {checkpoint} (a hyper-parameter search saves into run folders): the "
+                           "pruned base goes there; move it beside the adapter's checkpoint to resume.")  # fmt: skip
         save_pruned(base_without_adapters(model), checkpoint / PRUNED_BASE_DIR, overwrite=True,
                     pruner_config=self.config)  # fmt: skip
 
