@@ -19,6 +19,9 @@ from tiny_models import VOCAB, calibration_blocks, tiny_model
 
 INPUT = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
 CONFIG = PrunerConfig(target_ratio=0.7, amplitude=0.1, inner_steps=3, calibration_samples=8, round_to=1)
+# the callback on a LoRA run: scores from calibration batches (the base weights get no gradients)
+CALLBACK_CONFIG = PrunerConfig(target_ratio=0.8, num_stages=2, importance_source="calibration", inner_steps=2,
+                               calibration_samples=8, round_to=1)  # fmt: skip
 
 
 def logits(model):
@@ -135,9 +138,7 @@ def test_lora_training_with_calibration_importance_prunes_during_training(tmp_pa
     data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=24)]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2, report_to=[],
                              save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-3)  # fmt: skip
-    config = PrunerConfig(target_ratio=0.8, num_stages=2, importance_source="calibration", inner_steps=2,
-                          calibration_samples=8, round_to=1)  # fmt: skip
-    callback = AdaptPrunerCallback(config, calibration_data=calibration_blocks(n=16, seed=3))
+    callback = AdaptPrunerCallback(CALLBACK_CONFIG, calibration_data=calibration_blocks(n=16, seed=3))
     Trainer(model=peft_model, args=args, train_dataset=data, callbacks=[callback]).train()
     assert len(callback.reports) == 2
     assert abs(count_parameters(peft_model) - round(params * 0.8)) <= 0.01 * params
@@ -167,9 +168,8 @@ def test_distillation_on_a_lora_run_takes_the_merged_model_as_teacher(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, report_to=[],
                              save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-3,
                              logging_steps=4)  # fmt: skip
-    config = PrunerConfig(target_ratio=0.8, num_stages=2, importance_source="calibration", inner_steps=2,
-                          calibration_samples=8, round_to=1)  # fmt: skip
-    callback = AdaptPrunerCallback(config, calibration_blocks(n=16, seed=3), distillation=DistillationConfig())
+    calibration = calibration_blocks(n=16, seed=3)
+    callback = AdaptPrunerCallback(CALLBACK_CONFIG, calibration, distillation=DistillationConfig())
     probe = TeacherProbe()
     trainer = Trainer(model=peft_model.train(), args=args, train_dataset=data, callbacks=[callback, probe])
     trainer.train()
@@ -188,15 +188,13 @@ def test_a_pruning_lora_run_resumes_from_its_checkpoint_with_the_pruned_base(tmp
     from hf_adapt_pruner import AdaptPrunerCallback, DistillationConfig
 
     data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=24)]
-    config = PrunerConfig(target_ratio=0.8, num_stages=2, importance_source="calibration", inner_steps=2,
-                          calibration_samples=8, round_to=1)  # fmt: skip
 
     def run(folder, model, resume=None, teacher=None):
         args = TrainingArguments(output_dir=str(folder), max_steps=12, per_device_train_batch_size=2, report_to=[],
                                  save_strategy="steps", save_steps=6, use_cpu=True, disable_tqdm=True,
                                  learning_rate=1e-3, seed=0)  # fmt: skip
-        callback = AdaptPrunerCallback(config, calibration_blocks(n=16, seed=3), distillation=DistillationConfig(),
-                                       teacher=teacher)  # fmt: skip
+        callback = AdaptPrunerCallback(CALLBACK_CONFIG, calibration_blocks(n=16, seed=3),
+                                       distillation=DistillationConfig(), teacher=teacher)  # fmt: skip
         Trainer(model=model.train(), args=args, train_dataset=data, callbacks=[callback]).train(resume)
         return callback
 
