@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.utils import logging
 
-from .architectures import get_architecture
+from .architectures import get_architecture, is_lora_layer
 from .card import PICTURE_FILE, model_card, pruning_picture
 from .checks import check_model, check_repo_id, check_save_arguments, resolve_device
 from .config import PrunerConfig
@@ -91,7 +91,7 @@ def save_pruned(
         model = gather_model(model)  # FSDP2: every rank takes part; rank 0 gets a plain copy
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return target  # in a multi-process run only rank 0 writes (as Trainer.save_model)
-    if hasattr(model, "peft_config") or any(hasattr(m, "lora_A") for m in model.modules()):
+    if hasattr(model, "peft_config") or any(is_lora_layer(m) for m in model.modules()):
         raise TypeError(
             "save_pruned saves a plain transformers model, but this one carries PEFT adapters. Merge them first "
             "(model = peft_model.merge_and_unload()); to keep the adapter separate, save it with "
