@@ -6,18 +6,16 @@ The callback holds no algorithm: it turns Trainer events into engine calls (`Ada
 from __future__ import annotations
 
 import weakref
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .architectures import base_without_adapters, unwrap_peft
 from .calibration import calibration_pool, prepared_calibration
+from .checkpoints import PrunedBaseWriter
 from .checks import check_optimizer, torch_optimizer, vocabulary_size
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
@@ -28,13 +26,10 @@ from .pruner import AdaptivePruner
 from .report import PruneReport, TensorBoardTables, record_event
 from .schedule import Stage, build_schedule
 from .scorers import CalibrationScorer, StaticScorer
-from .serialization import save_pruned
 from .sharding import has_sharded_parameters
 
 
 logger = logging.get_logger(__name__)
-
-PRUNED_BASE_DIR = "pruned_base"  # in a LoRA run's checkpoints: the pruned base weights the adapter belongs to
 
 
 class AdaptPrunerCallback(TrainerCallback, ExportableState):
@@ -118,6 +113,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._progress = True
         self._trainer = None  # weak reference, set by attach()
         self._ddp: DistributedDataParallel | None = None  # rebuilt after each event in multi-process runs
+        self._pruned_base = PrunedBaseWriter(self.config)
 
     # --- ExportableState: the schedule survives a resume ------------------------------------------------------
     def state(self) -> dict:
@@ -399,17 +395,11 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             state.log_history[-1].update(self._pending_logs)
         self._pending_logs = {}
 
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        self._pruned_base.on_push_begin(args, state, model)
+
     def on_save(self, args, state, control, model=None, **kwargs):
-        """A LoRA run's checkpoint holds the adapter only (the Trainer saves a `PeftModel` that way), not the pruned
-        base weights it belongs to: write those beside it, in `pruned_base/`, so that the run can resume from it."""
-        if model is None or unwrap_peft(model) is model:
-            return
-        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if state.is_world_process_zero and not checkpoint.is_dir():  # every rank goes on (FSDP2 gathers)
-            logger.warning(f"No checkpoint folder {checkpoint} (a hyper-parameter search saves into run folders): the "
-                           "pruned base goes there; move it beside the adapter's checkpoint to resume.")  # fmt: skip
-        save_pruned(base_without_adapters(model), checkpoint / PRUNED_BASE_DIR, overwrite=True,
-                    pruner_config=self.config)  # fmt: skip
+        self._pruned_base.on_save(args, state, model)  # a LoRA run's checkpoints: see hf_adapt_pruner.checkpoints
 
     def on_train_end(self, args, state, control, **kwargs):
         self._close_window()

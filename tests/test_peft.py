@@ -220,3 +220,31 @@ def test_a_pruning_lora_run_resumes_from_its_checkpoint_with_the_pruned_base(tmp
             model.get_base_model().config.pruned_layout[key] == full_model.get_base_model().config.pruned_layout[key]
         )
     torch.testing.assert_close(logits(model.eval()), logits(full_model.eval()), rtol=1e-4, atol=1e-5)
+
+
+def test_a_pushed_lora_checkpoint_carries_the_pruned_base(fake_hub, tmp_path):
+    """With hub_strategy="checkpoint" the Trainer uploads each checkpoint before `on_save` runs; the callback writes
+    the pruned base into it when the push begins, so the pushed checkpoint resumes as the local one does."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_adapt_pruner import AdaptPrunerCallback
+    from hf_adapt_pruner.checkpoints import PRUNED_BASE_DIR
+
+    repo_id = "tester/lora-run"
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="steps", save_steps=6, use_cpu=True, disable_tqdm=True, push_to_hub=True,
+                             hub_model_id=repo_id, hub_strategy="checkpoint", hub_token="hf_test",
+                             hub_always_push=True)  # fmt: skip
+    data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=24)]
+    model = get_peft_model(tiny_model("llama", gqa_ratio=3), LoraConfig(r=4, target_modules="all-linear"))
+    callback = AdaptPrunerCallback(CALLBACK_CONFIG, calibration_blocks(n=16, seed=3))
+    Trainer(model=model.train(), args=args, train_dataset=data, callbacks=[callback]).train()
+
+    local = tmp_path / "checkpoint-12" / PRUNED_BASE_DIR  # after both events (steps 0 and 11)
+    written = sorted(local.iterdir())
+    assert {"config.json", "model.safetensors"} <= {f.name for f in written}
+    pushed = fake_hub.repos[repo_id].files
+    assert "last-checkpoint/adapter_model.safetensors" in pushed
+    for file in written:
+        assert pushed[f"last-checkpoint/{PRUNED_BASE_DIR}/{file.name}"] == file.read_bytes(), file.name
+    assert load_pruned(local).config.pruned_layout == model.get_base_model().config.pruned_layout
