@@ -32,7 +32,15 @@ from transformers.utils import ModelOutput, logging
 
 from .architectures import unwrap_peft
 from .distillation_loss import distillation_losses, scored_positions
-from .teacher import check_head, copy_as_teacher, logits_head, output_vocab_size, same_teacher, teacher_signature
+from .teacher import (
+    BFLOAT16_RTOL,
+    check_head,
+    copy_as_teacher,
+    logits_head,
+    output_vocab_size,
+    same_teacher,
+    teacher_signature,
+)
 from .version import __version__
 
 
@@ -206,7 +214,8 @@ class Distiller:
         weights (to float rounding; a bfloat16 copy included). The KL term and its gradient are then zero."""
         if self.given_teacher is None:
             return True
-        return same_teacher(teacher_signature(unwrap_peft(self.given_teacher)), teacher_signature(unwrap_peft(model)))
+        given, live = teacher_signature(unwrap_peft(self.given_teacher)), teacher_signature(unwrap_peft(model))
+        return same_teacher(given, live, rtol=BFLOAT16_RTOL)
 
     # --- set-up and tear-down -----------------------------------------------------------------------------------
     def start(self, model: nn.Module, autocast: torch.dtype | None = None, resuming_at: int = 0,

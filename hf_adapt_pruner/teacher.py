@@ -35,22 +35,37 @@ def copy_as_teacher(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 
 def teacher_signature(teacher: nn.Module) -> dict[str, Any]:
-    """A fingerprint of the teacher's weights (JSON), stored with the callback's state to check it on resume."""
-    abs_sum, sq_sum = 0.0, 0.0
+    """A fingerprint of the teacher's weights (JSON), stored with the callback's state to check it on resume: sizes,
+    sums of |w| and w² over all weights, and the sum of |w| of each tensor in order (so that the same weights in
+    another arrangement, layers swapped, do not pass)."""
+    abs_sums, sq_sum = [], 0.0
     with torch.no_grad():
         for param in teacher.parameters():
+            abs_sum = 0.0
             for values in param.detach().reshape(-1).split(1 << 22):  # float64 in slices: a small transient copy
                 values = values.double()
                 abs_sum += float(values.abs().sum())
                 sq_sum += float(values.square().sum())
+            abs_sums.append(abs_sum)
     n = sum(p.numel() for p in teacher.parameters())
-    return {"num_parameters": n, "vocab_size": output_vocab_size(teacher), "abs_sum": abs_sum, "sq_sum": sq_sum}
+    return {"num_parameters": n, "vocab_size": output_vocab_size(teacher), "abs_sum": sum(abs_sums), "sq_sum": sq_sum,
+            "abs_sums": abs_sums}  # fmt: skip
+
+
+BFLOAT16_RTOL = 2**-8  # a bfloat16 cast moves each weight by at most 2**-9 of itself, so each sum by at most this
 
 
 def same_teacher(a: dict[str, Any], b: dict[str, Any], rtol: float = 1e-4) -> bool:
+    """Equal sizes and sums, to `rtol` (compare a bfloat16 copy with its float32 original at `BFLOAT16_RTOL`). A
+    signature stored before per-tensor sums existed is compared without them."""
     if a["num_parameters"] != b["num_parameters"] or a["vocab_size"] != b["vocab_size"]:
         return False
-    return all(abs(a[k] - b[k]) <= rtol * max(abs(a[k]), abs(b[k])) for k in ("abs_sum", "sq_sum"))
+    pairs = [(a[k], b[k]) for k in ("abs_sum", "sq_sum")]
+    if "abs_sums" in a and "abs_sums" in b:
+        if len(a["abs_sums"]) != len(b["abs_sums"]):
+            return False
+        pairs += zip(a["abs_sums"], b["abs_sums"])
+    return all(abs(x - y) <= rtol * max(abs(x), abs(y)) for x, y in pairs)
 
 
 def logits_head(model: nn.Module):

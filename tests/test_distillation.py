@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from hf_adapt_pruner.distillation import DistillationConfig, Distiller
 from hf_adapt_pruner.distillation_loss import distillation_losses, scored_positions
-from hf_adapt_pruner.teacher import copy_as_teacher
+from hf_adapt_pruner.teacher import BFLOAT16_RTOL, copy_as_teacher, same_teacher, teacher_signature
 
 from tiny_models import MODEL_TYPES, VOCAB, calibration_blocks, tiny_model
 
@@ -129,6 +129,21 @@ def test_teacher_copy_is_frozen_separate_and_reproduces_logits(model_type):
     out = model(input_ids=batch, labels=batch)
     assert torch.isfinite(out.loss) and out.loss.item() < 1e-4  # teacher == student: KL ~ 0
     distiller.stop()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_the_fingerprint_knows_a_cast_copy_and_tells_other_weights_and_swapped_layers(model_type):
+    model = tiny_model(model_type, gqa_ratio=3)
+    signature = teacher_signature(model)
+    for dtype in (torch.bfloat16, torch.float16):  # the alpha=1.0 check: a given copy in another dtype is the model
+        assert same_teacher(teacher_signature(copy_as_teacher(model, dtype)), signature, rtol=BFLOAT16_RTOL)
+    assert same_teacher(teacher_signature(copy_as_teacher(model, None)), signature)  # resume: like with like
+    other = tiny_model(model_type, gqa_ratio=3, seed=1)
+    assert not same_teacher(teacher_signature(other), signature, rtol=BFLOAT16_RTOL)
+    swapped = tiny_model(model_type, gqa_ratio=3)
+    layers = swapped.get_decoder().layers
+    layers[0], layers[1] = layers[1], layers[0]
+    assert not same_teacher(teacher_signature(swapped), signature)
 
 
 def test_config_validates_and_round_trips():
