@@ -17,8 +17,9 @@ from test_serialization import load_in_fresh_process
 
 JOB = Path(__file__).parent / "distributed_job.py"
 DDP_RUNS = ["ddp_run", "accelerate_run", "unattached_run", "accelerate_unattached_run"]  # physical pruning
-# Covered in the quick run by ddp_run (torchrun) and accelerate_unattached_run (accelerate, no attach); CI runs all
-SLOW_RUNS = {"accelerate_run", "unattached_run"}
+# Covered in the quick run by ddp_run (torchrun) and accelerate_unattached_run (accelerate, no attach), and mask mode
+# across ranks by fsdp_run; CI runs all
+SLOW_RUNS = {"accelerate_run", "unattached_run", "mask_run"}
 
 
 def runs(*names: str) -> list:
@@ -115,6 +116,7 @@ def test_unattached_callback_finds_the_trainer_and_goes_first(run, request):
     assert result["found_trainer"] and result["first_callback"]
 
 
+@pytest.mark.slow
 def test_mask_mode_keeps_masked_weights_at_zero(mask_run):
     _, result = mask_run
     assert result["masked_zero_every_step"]
