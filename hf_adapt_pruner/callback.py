@@ -15,7 +15,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .calibration import calibration_pool, prepared_calibration
-from .checkpoints import PrunedBaseWriter
+from .checkpoints import PrunedBaseWriter, refuse_mismatched_checkpoints
 from .checks import check_optimizer, torch_optimizer, vocabulary_size
 from .config import PrunerConfig
 from .data import CalibrationData, CalibrationPool
@@ -257,24 +257,9 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self.events_done = 0
 
     def _guard_checkpoint_loading(self, model) -> None:
-        """Turn a size-mismatch traceback at `resume_from_checkpoint` into an error that says what to do."""
-        if model is None or model is self._hooked_model:
-            return
-
-        def hook(module, state_dict, prefix, *args):
-            shapes = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-            for key, value in state_dict.items():
-                name = key[len(prefix) :] if key.startswith(prefix) else key
-                if name in shapes and hasattr(value, "shape") and tuple(value.shape) != shapes[name]:
-                    raise ValueError(
-                        f"The checkpoint's {name} has shape {tuple(value.shape)} but the model's is {shapes[name]}: "
-                        "the checkpoint comes from a pruned run. Resume with the checkpoint's model: "
-                        "model = load_pruned(checkpoint) (or from_pretrained(checkpoint, trust_remote_code=True)), "
-                        "then trainer.train(resume_from_checkpoint=checkpoint)."
-                    )
-
-        model.register_load_state_dict_pre_hook(hook)
-        self._hooked_model = model
+        if model is not None and model is not self._hooked_model:
+            refuse_mismatched_checkpoints(model)
+            self._hooked_model = model
 
     # --- importance window ------------------------------------------------------------------------------------
     def _next_stage(self) -> Stage | None:

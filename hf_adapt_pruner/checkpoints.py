@@ -1,14 +1,17 @@
-"""What a LoRA run's checkpoints carry besides the adapter.
+"""The Trainer's checkpoints of a pruning run.
 
-The Trainer saves a `PeftModel` as its adapter only; the pruned base weights the adapter belongs to are written
-beside it, in `checkpoint-N/pruned_base/`, so that the run can resume: `PeftModel.from_pretrained(load_pruned(ckpt /
-"pruned_base"), ckpt, is_trainable=True)`, then `trainer.train(resume_from_checkpoint=ckpt)`.
+A checkpoint of a pruned model does not fit the unpruned model: loading it into that gives an error that says what to
+do (`refuse_mismatched_checkpoints`). A LoRA run's checkpoints carry more than the adapter: the Trainer saves a
+`PeftModel` as its adapter only; the pruned base weights the adapter belongs to are written beside it, in
+`checkpoint-N/pruned_base/`, so that the run can resume: `PeftModel.from_pretrained(load_pruned(ckpt / "pruned_base"),
+ckpt, is_trainable=True)`, then `trainer.train(resume_from_checkpoint=ckpt)`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import logging
 
@@ -59,6 +62,24 @@ class PrunedBaseWriter:
         save_pruned(base_without_adapters(model), checkpoint / PRUNED_BASE_DIR, overwrite=True,
                     pruner_config=self.config)  # fmt: skip
         self._written_step = state.global_step
+
+
+def refuse_mismatched_checkpoints(model: nn.Module) -> None:
+    """Turn a size-mismatch traceback at `resume_from_checkpoint` into an error that says what to do."""
+
+    def hook(module, state_dict, prefix, *args):
+        shapes = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+        for key, value in state_dict.items():
+            name = key[len(prefix) :] if key.startswith(prefix) else key
+            if name in shapes and hasattr(value, "shape") and tuple(value.shape) != shapes[name]:
+                raise ValueError(
+                    f"The checkpoint's {name} has shape {tuple(value.shape)} but the model's is {shapes[name]}: "
+                    "the checkpoint comes from a pruned run. Resume with the checkpoint's model: "
+                    "model = load_pruned(checkpoint) (or from_pretrained(checkpoint, trust_remote_code=True)), "
+                    "then trainer.train(resume_from_checkpoint=checkpoint)."
+                )
+
+    model.register_load_state_dict_pre_hook(hook)
 
 
 def _checkpoint_folder(args, state) -> Path:
