@@ -105,6 +105,34 @@ def one_shot_section(result: dict, docs: Path) -> list[str]:
     return [*lines, "", "![one-shot quality](one_shot_quality.png)", ""]
 
 
+def one_shot_pairs_section(result: dict) -> list[str]:
+    """Adaptive against attention not pruned, paired by keep and seed (the same calibration sample)."""
+    pairs = {}  # (keep, seed) -> rows of the two modes
+    for row in result["rows"][1:]:
+        pairs.setdefault((row["ratio"], row["seed"]), {})[row["mode"]] = row
+    pairs = {key: p for key, p in pairs.items() if {"adaptive", "attention not pruned"} <= p.keys()}
+    names = sources(result)
+    lines = ["## One-shot: adaptive against attention not pruned, paired by seed", "", header(result),
+             "Perplexity change of the adaptive allocation against `prune_attention=False` pruned with the same "
+             "calibration sample (seed), in % (negative: adaptive is lower); mean and sample standard deviation over "
+             f"the seeds; {result['eval_tokens']:,} held-out tokens of each source (original: {originals(result)}). "
+             + result.get("note", ""), "",
+             "| keep | seeds | " + " | ".join(f"{n}: each seed | {n}: mean (sd)" for n in names)
+             + " | adaptive lower or equal |", "|---:|---|" + "---|---:|" * len(names) + "---:|"]  # fmt: skip
+    for ratio in sorted({k[0] for k in pairs}, reverse=True):
+        keys = sorted(k for k in pairs if k[0] == ratio)
+        cells, wins = [], 0
+        for name in names:
+            changes = [100 * (pairs[k]["adaptive"][f"ppl {name}"] / pairs[k]["attention not pruned"][f"ppl {name}"]
+                              - 1) for k in keys]  # fmt: skip
+            spread = f" ({statistics.stdev(changes):.1f})" if len(changes) > 1 else ""
+            cells += [", ".join(f"{c:+.1f}" for c in changes), f"{statistics.mean(changes):+.1f}{spread}"]
+            wins += sum(c <= 0 for c in changes)
+        lines.append(f"| {ratio} | {', '.join(str(k[1]) for k in keys)} | {' | '.join(cells)} | "
+                     f"{wins} of {len(keys) * len(names)} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def one_shot_cost_section(result: dict, docs: Path) -> list[str]:
     rows = result["rows"][1:]
     names = sources(result)
@@ -404,6 +432,8 @@ def main() -> None:
                           ("distributed", distributed_section), ("gguf_serving", serving_section)):  # fmt: skip
         result = load(args.results, name)
         lines += section(result, args.docs) if result else [f"## {name}", "", "_Not measured yet._", ""]
+        pairs = load(args.results, "one_shot_pairs") if name == "one_shot_quality" else None  # beside the sweep
+        lines += one_shot_pairs_section(pairs) if pairs else []
     distillations = measured(args.results, "distillation")  # one section per budget, events and learning rate
     for result in sorted(
         distillations, key=lambda r: (r["steps"], r["stages"], r["rows"][1]["spec"]["learning_rate"])

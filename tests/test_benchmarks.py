@@ -38,4 +38,6 @@ def test_make_docs_renders_the_committed_results(tmp_path):
     result = subprocess.run([sys.executable, str(BENCHMARKS / "make_docs.py"), "--docs", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "benchmarks.md").read_text().startswith("# Benchmarks")
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert text.startswith("# Benchmarks")
+    assert "| 0.8 | 0, 1, 2, 3 | " in text.split("paired by seed")[1]  # one_shot_pairs.json beside the sweep
