@@ -31,37 +31,36 @@ class PrunedBaseWriter:
 
     def __init__(self, config: PrunerConfig):
         self.config = config
-        self._written_step: int | None = None
+        self._pushed_step: int | None = None  # written when this step's push began; on_save then skips it
 
     def on_push_begin(self, args, state, model) -> None:
         """With `hub_strategy` "checkpoint" or "all_checkpoints" the Trainer uploads each checkpoint (on rank 0 only)
         before `on_save`: write the pruned base into it now, so that the pushed checkpoint can resume too."""
-        checkpoint = _checkpoint_folder(args, state)
         if not _is_lora_run(model) or args.hub_strategy not in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
             return
+        checkpoint = _checkpoint_folder(args, state)
         if not checkpoint.is_dir():  # `trainer.push_to_hub()` after training pushes no checkpoint
             return
         if has_sharded_parameters(model):  # gathering the base is a collective: on_save does it, on every rank
             logger.warning_once("The pushed checkpoints of a sharded (FSDP) LoRA run lack pruned_base/: resume from "
                                 "the local checkpoints.")  # fmt: skip
             return
-        self._write(checkpoint, state, model)
+        self._write(checkpoint, model)
+        self._pushed_step = state.global_step
 
     def on_save(self, args, state, model) -> None:
-        checkpoint = _checkpoint_folder(args, state)
-        if not _is_lora_run(model):
+        pushed, self._pushed_step = self._pushed_step, None  # cleared at each save: a later run saves afresh
+        if not _is_lora_run(model) or pushed == state.global_step:
             return
+        checkpoint = _checkpoint_folder(args, state)
         if state.is_world_process_zero and not checkpoint.is_dir():  # every rank goes on (FSDP2 gathers)
             logger.warning(f"No checkpoint folder {checkpoint} (a hyper-parameter search saves into run folders): the "
                            "pruned base goes there; move it beside the adapter's checkpoint to resume.")  # fmt: skip
-        self._write(checkpoint, state, model)
+        self._write(checkpoint, model)
 
-    def _write(self, checkpoint: Path, state, model) -> None:
-        if self._written_step == state.global_step:  # written when the push began (before on_save)
-            return
+    def _write(self, checkpoint: Path, model) -> None:
         save_pruned(base_without_adapters(model), checkpoint / PRUNED_BASE_DIR, overwrite=True,
                     pruner_config=self.config)  # fmt: skip
-        self._written_step = state.global_step
 
 
 def refuse_mismatched_checkpoints(model: nn.Module) -> None:

@@ -203,7 +203,8 @@ def test_checkpoints_hold_no_teacher_and_resume_needs_the_original(tmp_path):
     with pytest.raises(ValueError, match="differs from the one this run started with"):
         run(tmp_path / "c", load_pruned(checkpoint), teacher=tiny_model("mistral", seed=1), resume=str(checkpoint))
     swapped = tiny_model("mistral", gqa_ratio=3)  # the original's weights, two layers in each other's place
-    swapped.model.layers[0], swapped.model.layers[1] = swapped.model.layers[1], swapped.model.layers[0]
+    layers = swapped.get_decoder().layers
+    layers[0], layers[1] = layers[1], layers[0]
     with pytest.raises(ValueError, match="differs from the one this run started with"):
         run(tmp_path / "c", load_pruned(checkpoint), teacher=swapped, resume=str(checkpoint))
     original = tiny_model("mistral", gqa_ratio=3)  # loaded as it was when training started

@@ -248,3 +248,23 @@ def test_a_pushed_lora_checkpoint_carries_the_pruned_base(fake_hub, tmp_path):
     for file in written:
         assert pushed[f"last-checkpoint/{PRUNED_BASE_DIR}/{file.name}"] == file.read_bytes(), file.name
     assert load_pruned(local).config.pruned_layout == model.get_base_model().config.pruned_layout
+
+
+def test_the_pruned_base_writer_skips_only_the_checkpoint_its_push_wrote(tmp_path):
+    """on_save skips the step whose push wrote pruned_base/; a later run that saves at the same step writes it."""
+    from types import SimpleNamespace
+
+    from hf_adapt_pruner.checkpoints import PRUNED_BASE_DIR, PrunedBaseWriter
+
+    model = get_peft_model(tiny_model("llama", gqa_ratio=3), LoraConfig(r=4, target_modules="all-linear"))
+    args = SimpleNamespace(output_dir=str(tmp_path), hub_strategy="checkpoint")
+    state = SimpleNamespace(global_step=6, is_world_process_zero=True)
+    written = tmp_path / "checkpoint-6" / PRUNED_BASE_DIR
+    written.parent.mkdir()
+    writer = PrunedBaseWriter(CALLBACK_CONFIG)
+    writer.on_push_begin(args, state, model)
+    (written / "model.safetensors").unlink()
+    writer.on_save(args, state, model)  # the same checkpoint: not written twice
+    assert not (written / "model.safetensors").exists()
+    writer.on_save(args, state, model)  # another run saving at step 6 (train() again): written
+    assert (written / "model.safetensors").exists()
