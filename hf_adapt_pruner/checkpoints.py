@@ -9,6 +9,7 @@ ckpt, is_trainable=True)`, then `trainer.train(resume_from_checkpoint=ckpt)`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import nn
@@ -24,6 +25,7 @@ from .sharding import has_sharded_parameters
 logger = logging.get_logger(__name__)
 
 PRUNED_BASE_DIR = "pruned_base"
+TRAINER_STATE_NAME = "trainer_state.json"  # as transformers.trainer names it (importing that loads the Trainer)
 
 
 class PrunedBaseWriter:
@@ -40,6 +42,10 @@ class PrunedBaseWriter:
             return
         checkpoint = _checkpoint_folder(args, state)
         if not checkpoint.is_dir():  # `trainer.push_to_hub()` after training pushes no checkpoint
+            if state.is_hyper_param_search:
+                logger.warning_once(f"This search trial's checkpoint folder was not found (no trainer_state.json "
+                                    f"under {args.output_dir} holds its trial_params alone): its push lacks "
+                                    "pruned_base/.")  # fmt: skip
             return
         if has_sharded_parameters(model):  # gathering the base is a collective: on_save does it, on every rank
             logger.warning_once("The pushed checkpoints of a sharded (FSDP) LoRA run lack pruned_base/: resume from "
@@ -54,7 +60,7 @@ class PrunedBaseWriter:
             return
         checkpoint = _checkpoint_folder(args, state)
         if state.is_world_process_zero and not checkpoint.is_dir():  # every rank goes on (FSDP2 gathers)
-            logger.warning(f"No checkpoint folder {checkpoint} (a hyper-parameter search saves into run folders): the "
+            logger.warning(f"No checkpoint folder {checkpoint} (a hyper-parameter search trial's was not found): the "
                            "pruned base goes there; move it beside the adapter's checkpoint to resume.")  # fmt: skip
         self._write(checkpoint, model)
 
@@ -82,7 +88,16 @@ def refuse_mismatched_checkpoints(model: nn.Module) -> None:
 
 
 def _checkpoint_folder(args, state) -> Path:
-    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    """The folder the Trainer has just saved into: `output_dir/checkpoint-N`, or for a hyper-parameter search trial
+    `output_dir/<run>/checkpoint-N`, whose run name only the Trainer knows: the one whose saved state holds this
+    trial's parameters (if exactly one does; otherwise `output_dir/checkpoint-N`, which then does not exist)."""
+    folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    if not getattr(state, "is_hyper_param_search", False):
+        return folder
+    params = json.loads(json.dumps(state.trial_params))  # as the Trainer wrote them
+    found = [saved.parent for saved in Path(args.output_dir).glob(f"*/{folder.name}/{TRAINER_STATE_NAME}")
+             if json.loads(saved.read_text()).get("trial_params") == params]  # fmt: skip
+    return found[0] if len(found) == 1 else folder
 
 
 def _is_lora_run(model) -> bool:

@@ -268,3 +268,65 @@ def test_the_pruned_base_writer_skips_only_the_checkpoint_its_push_wrote(tmp_pat
     assert not (written / "model.safetensors").exists()
     writer.on_save(args, state, model)  # another run saving at step 6 (train() again): written
     assert (written / "model.safetensors").exists()
+
+
+def test_a_search_trial_writes_its_pruned_base_into_its_own_run_folder(tmp_path, caplog):
+    """A hyper-parameter search saves each trial into a run folder that only the Trainer names: the writer finds it by
+    the trial's parameters in the saved state, and says where the pruned base went when it cannot."""
+    import logging
+    from types import SimpleNamespace
+
+    from hf_adapt_pruner.checkpoints import PRUNED_BASE_DIR, PrunedBaseWriter
+
+    model = get_peft_model(tiny_model("llama", gqa_ratio=3), LoraConfig(r=4, target_modules="all-linear"))
+    args = SimpleNamespace(output_dir=str(tmp_path), hub_strategy="all_checkpoints")
+    for run, learning_rate in (("run-0", 1e-4), ("run-1", 3e-4)):
+        (tmp_path / run / "checkpoint-6").mkdir(parents=True)
+        state = {"global_step": 6, "trial_params": {"learning_rate": learning_rate}}
+        (tmp_path / run / "checkpoint-6" / "trainer_state.json").write_text(json.dumps(state))
+
+    def trial(learning_rate):
+        return SimpleNamespace(global_step=6, is_world_process_zero=True, is_hyper_param_search=True,
+                               trial_params={"learning_rate": learning_rate})  # fmt: skip
+
+    writer = PrunedBaseWriter(CALLBACK_CONFIG)
+    writer.on_push_begin(args, trial(3e-4), model)
+    writer.on_save(args, trial(3e-4), model)  # the checkpoint its push wrote
+    assert [p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob(PRUNED_BASE_DIR)] == ["run-1"]
+    writer.on_save(args, trial(1e-4), model)  # another trial, no push
+    assert sorted(p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob(PRUNED_BASE_DIR)) == ["run-0", "run-1"]
+    with caplog.at_level(logging.WARNING, logger="hf_adapt_pruner"):
+        writer.on_push_begin(args, trial(5e-4), model)  # no run folder holds this trial: nothing to write into
+        assert "its push lacks pruned_base/" in caplog.text
+        writer.on_save(args, trial(5e-4), model)
+    assert "move it beside the adapter's checkpoint" in caplog.text
+    assert (tmp_path / "checkpoint-6" / PRUNED_BASE_DIR / "model.safetensors").exists()
+
+
+@pytest.mark.slow  # two trials through optuna: about 15 s
+def test_each_hyperparameter_search_trial_checkpoint_carries_its_pruned_base(tmp_path):
+    """`trainer.hyperparameter_search` saves each trial into its own run folder: the pruned base goes into it."""
+    pytest.importorskip("optuna")
+    from transformers import Trainer, TrainingArguments
+
+    from hf_adapt_pruner import AdaptPrunerCallback
+
+    def model_init(trial):
+        return get_peft_model(tiny_model("llama", gqa_ratio=3), LoraConfig(r=4, target_modules="all-linear"))
+
+    def space(trial):
+        return {"learning_rate": trial.suggest_categorical("learning_rate", [1e-4, 1e-3])}
+
+    data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=12)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="steps", save_steps=6, use_cpu=True, disable_tqdm=True, seed=0)  # fmt: skip
+    callback = AdaptPrunerCallback(CALLBACK_CONFIG, calibration_blocks(n=16, seed=3))
+    trainer = Trainer(
+        model_init=model_init, args=args, train_dataset=data, eval_dataset=data[:4], callbacks=[callback]
+    )
+    trainer.hyperparameter_search(hp_space=space, backend="optuna", n_trials=2)
+    checkpoints = sorted(tmp_path.glob("run-*/checkpoint-6"))
+    assert len(checkpoints) == 2 and not (tmp_path / "checkpoint-6").exists()
+    for checkpoint in checkpoints:
+        model = PeftModel.from_pretrained(load_pruned(checkpoint / "pruned_base"), checkpoint)
+        assert model.get_base_model().config.pruned_layout is not None
