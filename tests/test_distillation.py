@@ -146,6 +146,17 @@ def test_the_fingerprint_knows_a_cast_copy_and_tells_other_weights_and_swapped_l
     assert not same_teacher(teacher_signature(swapped), signature)
 
 
+def test_a_float16_copy_of_weights_in_its_subnormal_range_is_known():
+    """Weights below 2**-14 are subnormal in float16 and lose relative precision (none may be flushed to zero): a
+    tensor of them still passes."""
+    model = tiny_model("llama", gqa_ratio=3)
+    with torch.no_grad():
+        model.get_decoder().layers[0].mlp.down_proj.weight.uniform_(-2e-5, 2e-5)  # mean |w| 1e-5, all subnormal
+    copy = copy_as_teacher(model, torch.float16)
+    assert copy.get_decoder().layers[0].mlp.down_proj.weight.abs().max() < 2**-14
+    assert same_teacher(teacher_signature(copy), teacher_signature(model), rtol=BFLOAT16_RTOL)
+
+
 def test_config_validates_and_round_trips():
     config = DistillationConfig(alpha=1.0, temperature=2.0, teacher_dtype="bfloat16", chunk_size=64)
     assert DistillationConfig.from_dict(config.to_dict()) == config
