@@ -306,7 +306,7 @@ def test_a_search_trial_writes_its_pruned_base_into_its_own_run_folder(tmp_path,
 @pytest.mark.slow  # two trials through optuna: about 15 s
 def test_each_hyperparameter_search_trial_checkpoint_carries_its_pruned_base(tmp_path):
     """`trainer.hyperparameter_search` saves each trial into its own run folder: the pruned base goes into it."""
-    pytest.importorskip("optuna")
+    optuna = pytest.importorskip("optuna")
     from transformers import Trainer, TrainingArguments
 
     from hf_adapt_pruner import AdaptPrunerCallback
@@ -324,7 +324,8 @@ def test_each_hyperparameter_search_trial_checkpoint_carries_its_pruned_base(tmp
     trainer = Trainer(
         model_init=model_init, args=args, train_dataset=data, eval_dataset=data[:4], callbacks=[callback]
     )
-    trainer.hyperparameter_search(hp_space=space, backend="optuna", n_trials=2)
+    grid = optuna.samplers.GridSampler({"learning_rate": [1e-4, 1e-3]})  # two trials, two different folders
+    trainer.hyperparameter_search(hp_space=space, backend="optuna", n_trials=2, sampler=grid)
     checkpoints = sorted(tmp_path.glob("run-*/checkpoint-6"))
     assert len(checkpoints) == 2 and not (tmp_path / "checkpoint-6").exists()
     for checkpoint in checkpoints:
