@@ -13,7 +13,7 @@ seeds (the calibration sample). Prints and writes JSON.
 The paired comparison of adaptive against attention not pruned (four seeds, more held-out tokens; make_docs renders
 it beside the sweep):
 
-    python benchmarks/one_shot_quality.py --ratios 0.9 0.8 0.6 --seeds 0 1 2 3 --eval-blocks 128 \
+    python benchmarks/one_shot_quality.py --ratios 0.9 0.8 0.7 0.6 0.5 --seeds 0 1 2 3 --eval-blocks 128 \
         --modes adaptive "attention not pruned" --out benchmarks/results/one_shot_pairs.json
 """
 
