@@ -129,24 +129,34 @@ def main_job_allocation_section(result: dict, docs: Path) -> list[str]:
 
 
 def taylor_scale_section(result: dict, docs: Path) -> list[str]:
+    runs = result["runs"]
     lines = ["## Are kv-group and channel scores on one scale?", "", header(result),
-             f"Taylor score (|w·g| summed over the unit, {result['calibration_tokens']:,} calibration tokens) and the "
-             "measured loss change when the unit is zeroed, on the same tokens (base loss "
-             f"{result['base_loss']:.3f}). Channel blocks hold as many parameters as a kv group.", "",
-             "| layer | unit | parameters | Taylor score | loss change |", "|---:|---|---:|---:|---:|"]  # fmt: skip
-    for r in result["rows"]:
-        lines.append(f"| {r['layer']} | {r['unit']} | {r['params']:,} | {r['taylor']:.3f} | {r['loss_change']:+.4f} |")
-    choices = result["first_removal"]
-    agree = sum(c["score_removes_first"] == c["loss_change_removes_first"] for c in choices)
-    lines += ["", "Which kind goes first — the cheapest kv group or the least important channels of the same size — "
-              f"by "
-              f"score and by measured loss change: the two agree in {agree} of {len(choices)} layers. Where they "
-              "disagree in favour of attention the cost is large (the first layer), where they disagree in favour "
-              "of channels it is small; hence the score allocation never cuts attention deeper than the layer's "
-              "sparsity.", "", "| layer | score removes first | measured loss change removes first |",
-              "|---:|---|---|"]  # fmt: skip
-    for c in choices:
-        lines.append(f"| {c['layer']} | {c['score_removes_first']} | {c['loss_change_removes_first']} |")
+             f"Each seed scores on {result['calibration_tokens']:,} calibration tokens and measures the loss change "
+             f"of zeroing each unit on {result['measured_tokens']:,} other tokens of the same source. Channel blocks "
+             "hold as many parameters as a kv group and start at five quantiles of the Taylor ranking. `taylor`: the "
+             "library's score (Σ|w·∂L/∂w| over the unit); `fisher`: the empirical-Fisher second-order term of "
+             "removing the unit (½ S Σ_s d_s², d_s the unit's activation × gradient summed over sequence s). "
+             "Spearman: rank correlation with the measured loss change over every unit of the listed layers.", "",
+             "| seed | base loss | Spearman, taylor | Spearman, fisher | first kind right, taylor | "
+             "first kind right, fisher |", "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for run in runs:
+        first = run["first_removal"]
+        right = {k: sum(c[k] == c["loss_change"] for c in first) for k in ("taylor", "fisher")}
+        lines.append(f"| {run['seed']} | {run['base_loss']:.3f} | {run['spearman']['taylor']:.2f} | "
+                     f"{run['spearman']['fisher']:.2f} | {right['taylor']} of {len(first)} | "
+                     f"{right['fisher']} of {len(first)} |")  # fmt: skip
+    seeds = " | ".join(f"taylor, seed {r['seed']} | fisher, seed {r['seed']} | loss, seed {r['seed']}" for r in runs)
+    lines += ["", f"| layer | unit | parameters | {seeds} |", "|---:|---|---:|" + "---:|" * 3 * len(runs)]
+    for i, row in enumerate(runs[0]["rows"]):
+        cells = " | ".join(f"{r['rows'][i]['taylor']:.3f} | {r['rows'][i]['fisher']:.2e} | "
+                           f"{r['rows'][i]['loss_change']:+.4f}" for r in runs)  # fmt: skip
+        lines.append(f"| {row['layer']} | {row['unit']} | {row['params']:,} | {cells} |")
+    lines += ["", "Which kind each removes first in a layer (the cheapest kv group or the cheapest channel block per "
+              "parameter), against the measured loss change:", "",
+              "| seed | layer | measured | taylor | fisher |", "|---:|---:|---|---|---|"]  # fmt: skip
+    for run in runs:
+        for c in run["first_removal"]:
+            lines.append(f"| {run['seed']} | {c['layer']} | {c['loss_change']} | {c['taylor']} | {c['fisher']} |")
     return [*lines, ""]
 
 

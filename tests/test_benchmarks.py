@@ -18,7 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize(
     ("script", "key"),
     [("one_shot_quality", "mean_perplexity"), ("one_shot_cost", "rows"), ("one_shot_time", "mean_seconds"),
-     ("taylor_scale", "first_removal"),
+     ("taylor_scale", "runs"),
      ("main_job_allocation", "rows"), ("inference_speed", "rows"), ("callback_overhead", "runs"),
      ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs"),
      ("gguf_serving", "rows"), ("distillation", "summary"), ("stages_budget", "summary")],
