@@ -132,7 +132,7 @@ def taylor_scale_section(result: dict, docs: Path) -> list[str]:
     runs = result["runs"]
     lines = ["## Are kv-group and channel scores on one scale?", "", header(result),
              f"Each seed scores on {result['calibration_tokens']:,} calibration tokens and measures the loss change "
-             f"of zeroing each unit on {result['measured_tokens']:,} other tokens of the same source. Channel blocks "
+             "of zeroing each unit on as many other tokens of the same source. Channel blocks "
              "hold as many parameters as a kv group and start at five quantiles of the Taylor ranking. `taylor`: the "
              "library's score (Σ|w·∂L/∂w| over the unit); `fisher`: the empirical-Fisher second-order term of "
              "removing the unit (½ S Σ_s d_s², d_s the unit's activation × gradient summed over sequence s). "

@@ -179,8 +179,7 @@ def main() -> None:
         run["first_removal"] = first_removals(run["rows"], args.layers)
         print({k: v for k, v in run.items() if k != "rows"}, flush=True)
         runs.append(run)
-    write("taylor_scale", args, {"model": name, "calibration_tokens": args.samples * seq_len,
-                                 "measured_tokens": args.samples * seq_len, "runs": runs})  # fmt: skip
+    write("taylor_scale", args, {"model": name, "calibration_tokens": args.samples * seq_len, "runs": runs})
 
 
 if __name__ == "__main__":
