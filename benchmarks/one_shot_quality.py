@@ -10,11 +10,13 @@ seeds (the calibration sample). Prints and writes JSON.
     python benchmarks/one_shot_quality.py [--smoke] [--ratios 0.9 0.8 0.7 0.6 0.5] [--seeds 0 1]
         [--modes ...] [--reuse RESULT.json ...]
 
-The paired comparison of adaptive against attention not pruned (four seeds, more held-out tokens; make_docs renders
-it beside the sweep):
+The paired comparison of adaptive against attention not pruned (four seeds, eight at keeps 0.9 and 0.6, four times
+the held-out tokens; make_docs renders it beside the sweep):
 
     python benchmarks/one_shot_quality.py --ratios 0.9 0.8 0.7 0.6 0.5 --seeds 0 1 2 3 --eval-blocks 128 \
         --modes adaptive "attention not pruned" --out benchmarks/results/one_shot_pairs.json
+
+and the same with `--ratios 0.9 0.6 --seeds 4 5 6 7 --out ...`, whose rows were added to that file.
 """
 
 from __future__ import annotations
