@@ -6,9 +6,8 @@ from the unpruned model (DISTILL_ALPHA). Prints a table of parameters and held-o
 never trained on and (when Debian's git-doc is installed) on English from that other source, for the original model,
 the original model trained with the same steps and data (the reference), one-shot pruning to the same target without
 training, and both Adapt-Accel runs; saves the distilled one with `save_pruned`, reloads it in a fresh process with
-`trust_remote_code=True` and prints a sample. About 12 minutes on 2 CPU cores with the defaults before the distilled
-run was added, which adds one training run with a teacher forward per step. The flags scale it up for a GPU (e.g.
-`--max-steps 20000 --batch-size 32 --seq-len 512 --num-stages 20`).
+`trust_remote_code=True` and prints a sample. 18 minutes on 2 CPU cores with the defaults (the README shows the table
+it printed). The flags scale it up for a GPU, e.g. `--max-steps 20000 --batch-size 32 --seq-len 512 --num-stages 20`.
 
     python examples/adapt_accel_smollm2.py [--max-steps 80] [--num-stages 4] [--target-ratio 0.7] [--output DIR]
     torchrun --nproc_per_node 2 examples/adapt_accel_smollm2.py ...   # or: accelerate launch --num_processes 2 ...
