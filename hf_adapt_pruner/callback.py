@@ -23,6 +23,7 @@ from .distillation import DistillationConfig, Distiller, check_training_args, st
 from .distributed import ddp_mode, find_ddp_wrapper, rebuild_ddp_reducer, running_trainer
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
 from .pruner import AdaptivePruner
+from .reconstruction import GramStatistics
 from .report import PruneReport, TensorBoardTables, record_event
 from .schedule import Stage, build_schedule
 from .scorers import CalibrationScorer, StaticScorer
@@ -107,6 +108,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         self._pruner: AdaptivePruner | None = None
         self._collector: LayerSimilarityCollector | None = None
         self._scores: list[GroupScores] | None = None
+        self._grams: GramStatistics | None = None  # inputs of o_proj / down_proj in the window, for reconstruction
         self._pending_logs: dict[str, Any] = {}
         self._tables = TensorBoardTables()  # per-layer tables of the events, sent in on_log
         self._hooked_model = None
@@ -277,6 +279,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             layers = [lm.layer for lm in self._pruner.layers]
             self._collector = LayerSimilarityCollector(layers, self.config.layer_importance).__enter__()
             self._scores = None
+            if self.config.reconstruction != "none":  # the window's training inputs, for the event's refit
+                self._grams = GramStatistics(self._pruner.layers).__enter__()
         elif not in_window:
             self._close_window()
 
@@ -285,6 +289,8 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         if self._collector is not None:
             self._collector.__exit__(None, None, None)
             self._collector = None
+        if self._grams is not None:
+            self._grams.__exit__(None, None, None)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._collector is None or self.config.group_importance != "taylor":
@@ -328,7 +334,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         else:
             generator = torch.Generator().manual_seed(config.seed + self.events_done)
             scores = [group_scores(lm, pruner.head_dim, config.group_importance, generator) for lm in pruner.layers]
-        return StaticScorer(importance, scores)
+        return StaticScorer(importance, scores, self._grams)
 
     def _prune(self, args, state, optimizer) -> None:
         stage = self._next_stage()
@@ -338,7 +344,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         if self._ddp is not None:
             rebuild_ddp_reducer(self._ddp)
         self._close_window()
-        self._scores = None
+        self._scores = self._grams = None
         self.events_done += 1
         self.reports.append(report)
         self._publish(args, state, stage, report)

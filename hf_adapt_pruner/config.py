@@ -23,6 +23,7 @@ MODES = ("auto", "physical", "mask")
 DATA_SPLITS = ("linear", "constant", "cosine")
 IMPORTANCE_SOURCES = ("training", "calibration")
 CALIBRATION_AUTOCASTS = ("auto", "bfloat16", "off")
+RECONSTRUCTIONS = ("none", "least_squares")
 
 
 @dataclass
@@ -67,6 +68,12 @@ class PrunerConfig:
             `save_pruned`), `auto` picks physical unless the training engine shards parameters.
         num_stages, data_split, recovery_fraction, importance_source, importance_window: the Adapt-Accel schedule
             of `AdaptPrunerCallback` (see `hf_adapt_pruner.schedule` for a worked example).
+        reconstruction (`str`, defaults to `"least_squares"`): after each slicing, the kept input columns of the
+            projections that read heads and channels (`o_proj`, `down_proj`) are refit by least squares on the inputs
+            the event's passes saw, so their outputs stay as close to the unpruned ones as the kept inputs allow
+            (`hf_adapt_pruner.reconstruction`); `none` leaves the surviving weights unchanged.
+        reconstruction_damping (`float`, defaults to `0.01`): ridge damping of that refit, relative to the mean
+            diagonal of the inputs' Gram matrix.
 
     The per-layer schedule, as a worked example. Pruning a 30-layer model from 134.5 M to 94.2 M parameters
     (`target_ratio=0.7`) with `inner_steps=10`: 106.2 M of the parameters sit in decoder layers (prunable), so
@@ -197,6 +204,18 @@ class PrunerConfig:
             "mask when the parameters are sharded (FSDP2)."
         },
     )
+    # --- repairing what pruning removes -------------------------------------------------------------------------
+    reconstruction: str = field(
+        default="least_squares",
+        metadata={
+            "help": "After each slicing, refit the kept input columns of o_proj / down_proj by least squares on the "
+            "inputs the event's passes saw (least_squares), or leave the surviving weights as they are (none)."
+        },
+    )
+    reconstruction_damping: float = field(
+        default=0.01,
+        metadata={"help": "Ridge damping of the least-squares refit, relative to the mean input energy (0: none)."},
+    )
     library_version: str = field(default=__version__, metadata={"help": "hf_adapt_pruner version that wrote this."})
 
     def __post_init__(self) -> None:
@@ -209,6 +228,7 @@ class PrunerConfig:
         _check_choice("importance_source", self.importance_source, IMPORTANCE_SOURCES)
         _check_choice("mode", self.mode, MODES)
         _check_choice("calibration_autocast", self.calibration_autocast, CALIBRATION_AUTOCASTS)
+        _check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
         _check_types(self)
         if not 0.0 <= self.amplitude <= 1.0:
             raise ValueError(
@@ -218,6 +238,11 @@ class PrunerConfig:
             raise ValueError(f"target_tolerance={self.target_tolerance!r}: use a fraction in (0, 0.5), e.g. 0.005.")
         if not 0.0 < self.max_layer_sparsity < 1.0:
             raise ValueError(f"max_layer_sparsity={self.max_layer_sparsity!r}: use a value in (0, 1), e.g. 0.99.")
+        if not 0.0 <= self.reconstruction_damping <= 100.0:
+            raise ValueError(
+                f"reconstruction_damping={self.reconstruction_damping!r}: use a value in [0, 100], e.g. 0.01 (larger "
+                "values shrink the refit toward no correction; reconstruction='none' turns it off)."
+            )
         if not 0.0 <= self.recovery_fraction < 1.0:
             raise ValueError(f"recovery_fraction={self.recovery_fraction!r}: use a value in [0, 1), e.g. 0.1.")
         for name in (
@@ -311,7 +336,7 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(choices)}.")
 
 
-NUMBER_FIELDS = ("amplitude", "target_tolerance", "max_layer_sparsity", "recovery_fraction")
+NUMBER_FIELDS = ("amplitude", "target_tolerance", "max_layer_sparsity", "recovery_fraction", "reconstruction_damping")
 FLAG_FIELDS = ("prune_attention", "prune_mlp")
 
 

@@ -30,6 +30,7 @@ from .importance import GroupScores
 from .layout import LAYOUT_KEY, MASK_KEY, LayerWidths, PrunedLayout
 from .modeling.modeling_adapt_pruner import pruned_parameters
 from .plans import LayerGeometry, layer_plans
+from .reconstruction import GramStatistics, refit_layer_
 from .remote_code import base_model_type, mark_pruned
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer
@@ -41,6 +42,8 @@ logger = logging.get_logger(__name__)
 
 
 class Scorer(Protocol):
+    grams: GramStatistics | None  # input statistics of the scoring passes, for reconstruction
+
     def __call__(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]: ...
 
     def update(self, layer: int, keep_q: torch.Tensor, keep_kv: torch.Tensor, keep_channels: torch.Tensor) -> None: ...
@@ -213,12 +216,16 @@ class AdaptivePruner:
         steps = self.config.inner_steps
         params = params_before
         step = 0
+        grams = None
         bar = tqdm(total=steps, desc="prune", disable=not progress or params <= target_params)
         while params > target_params and step < steps:
             raw, scores = scorer(self.layers, self.head_dim)
             raw, scores = raw.detach().double().cpu(), [s.cpu_double() for s in scores]  # from any device
             if self.sync is not None:
                 raw, scores = self.sync.average(raw, scores)
+            grams = getattr(scorer, "grams", None) if self.config.reconstruction != "none" else None
+            if grams is not None:
+                grams.settle(self.sync)  # every rank refits from the same statistics
             importance = normalize_importance(raw)
             delta = (params - target_params) / prunable_base / (steps - step)
             plans = layer_plans(self.geometries, self.widths(), scores, importance, self.config)
@@ -232,7 +239,7 @@ class AdaptivePruner:
             if self.sync is not None:
                 self.sync.check_agreement(f"prune event, inner step {step + 1}", kept_units)
             for i, units in kept_units.items():
-                self._apply(i, result.widths[i], units, scorer, kept[i], optimizer)
+                self._apply(i, result.widths[i], units, scorer, kept[i], optimizer, grams)
             self.sparsity = result.sparsity
             params = self.num_parameters()
             if params != result.num_parameters:
@@ -243,6 +250,7 @@ class AdaptivePruner:
         bar.close()
         self._record_event(before, kept, params, importance)
         report = self._report(before, params_before, target_params, importance, step, time.perf_counter() - start)
+        report.reconstruction_tokens = grams.tokens if grams is not None else 0
         self._log_outcome(report)
         return report
 
@@ -259,10 +267,16 @@ class AdaptivePruner:
         scorer: Scorer,
         kept: list[torch.Tensor],
         optimizer: torch.optim.Optimizer | None,
+        grams: GramStatistics | None = None,
     ) -> None:
         keep_q, keep_kv, keep_ch = plan
+        lm = self.layers[index]
+        if grams is not None:  # the kept columns absorb what the removed ones added, before they go
+            kept_inputs = refit_layer_(lm, self.head_dim, plan, grams, self.config.reconstruction_damping)
         surgery = mask_layer_ if self.mode == "mask" else prune_layer_
-        surgery(self.layers[index], self.head_dim, keep_q, keep_kv, keep_ch, optimizer)
+        surgery(lm, self.head_dim, keep_q, keep_kv, keep_ch, optimizer)
+        if grams is not None and self.mode == "physical":
+            grams.select_(index, kept_inputs)
         scorer.update(index, keep_q, keep_kv, keep_ch)
         kept[0], kept[1], kept[2] = kept[0][keep_q], kept[1][keep_kv], kept[2][keep_ch]
         self.layout.set_layer(index, widths)

@@ -43,6 +43,7 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     inner_steps: int = 0
     wall_time_s: float = 0.0
+    reconstruction_tokens: int = 0  # input tokens behind the least-squares refit (all ranks); 0: no refit
 
     @property
     def ratio(self) -> float:

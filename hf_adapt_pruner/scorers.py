@@ -6,6 +6,9 @@ the engine slices a layer it calls `update(layer, keep_q, keep_kv, keep_channels
 - `CalibrationScorer` runs a forward/backward pass over calibration data at every call (the paper's recipe), or
   every `rescore_every` calls, serving the last measurement in between with removed units dropped.
 - `StaticScorer` serves scores gathered elsewhere (e.g. accumulated from training gradients by the callback).
+
+A scorer's `grams` (a `GramStatistics`, or None) are the input statistics of the same passes, for the engine's
+least-squares reconstruction.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .architectures import LayerModules
 from .config import PrunerConfig
 from .data import CalibrationPool
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
+from .reconstruction import GramStatistics
 
 
 logger = logging.get_logger(__name__)
@@ -30,9 +34,12 @@ logger = logging.get_logger(__name__)
 class StaticScorer:
     """Scores measured once; re-indexed as layers are sliced."""
 
-    def __init__(self, layer_importance: torch.Tensor, scores: Sequence[GroupScores]):
+    def __init__(
+        self, layer_importance: torch.Tensor, scores: Sequence[GroupScores], grams: GramStatistics | None = None
+    ):
         self.layer_importance = layer_importance
         self.scores = list(scores)
+        self.grams = grams
 
     def __call__(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]:
         return self.layer_importance, self.scores
@@ -64,6 +71,7 @@ class CalibrationScorer:
         progress: bool = True,
         rescore_every: int = 1,
         autocast: str = "off",
+        collect_grams: bool = False,
     ):
         self.model = model
         self.pool = pool
@@ -73,6 +81,8 @@ class CalibrationScorer:
         self.progress = progress
         self.rescore_every = rescore_every
         self.autocast = autocast
+        self.collect_grams = collect_grams
+        self.grams: GramStatistics | None = None  # created at the first pass, over the layers it is given
         self._calls = 0
         self._last: StaticScorer | None = None
         if group_metric == "taylor" and any(p.dtype == torch.float16 for p in model.parameters()):
@@ -88,7 +98,8 @@ class CalibrationScorer:
     ) -> CalibrationScorer:
         """The scorer a `PrunerConfig` describes."""
         return cls(model, pool, config.layer_importance, config.group_importance, config.seed, progress,
-                   rescore_every=config.rescore_every, autocast=config.calibration_autocast)  # fmt: skip
+                   rescore_every=config.rescore_every, autocast=config.calibration_autocast,
+                   collect_grams=config.reconstruction != "none")  # fmt: skip
 
     def __call__(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]:
         self._calls += 1
@@ -110,6 +121,8 @@ class CalibrationScorer:
             if needs_grad:
                 for p in prunable_parameters(layers):
                     p.requires_grad_(True)
+            if self.collect_grams and self.grams is None:
+                self.grams = GramStatistics(layers)
             self._run(collector, needs_grad)
             scores = [group_scores(lm, head_dim, self.group_metric, self.generator) for lm in layers]
         finally:
@@ -128,13 +141,16 @@ class CalibrationScorer:
         predicted = [_predicted_tokens(batch) for batch in batches]
         total = sum(predicted)
         bar = tqdm(total=len(batches), desc="calibration", leave=False, disable=not self.progress)
-        with collector, torch.set_grad_enabled(needs_grad):
+        grams = self.grams if self.grams is not None else contextlib.nullcontext()
+        with collector, grams, torch.set_grad_enabled(needs_grad):
             for batch, n_predicted in zip(batches, predicted):
                 input_ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 mask = mask.to(device) if mask is not None else None
                 labels = input_ids if mask is None else input_ids.masked_fill(~_scored(mask), -100)
                 collector.token_mask = mask
+                if self.grams is not None:
+                    self.grams.token_mask = mask
                 with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
                     out = self.model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False)
                 if needs_grad and n_predicted:  # a batch of padding only has no loss (NaN), only similarities

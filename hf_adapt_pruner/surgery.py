@@ -80,7 +80,7 @@ def lora_factors(pruned: PrunedModule) -> list[nn.Linear]:
     return list((pruned.adapter.lora_B if pruned.dim == 0 else pruned.adapter.lora_A).values())
 
 
-def _kept_per_module(modules: LayerModules, head_dim: int, plan: Sequence[torch.Tensor]) -> list:
+def kept_per_module(modules: LayerModules, head_dim: int, plan: Sequence[torch.Tensor]) -> list:
     """(pruned module, indices to keep along its pruned dimension) for kept (query heads, kv heads, channels)."""
     heads, kv_heads, channels = modules.shape_widths(head_dim)
     sizes = {"q": heads * head_dim, "kv": kv_heads * head_dim, "mlp": channels}
@@ -116,7 +116,7 @@ def prune_layer_(
     """Keep query heads `keep_q`, kv heads `keep_kv` and MLP channels `keep_channels` of one decoder layer (indices
     relative to its current widths), in every module that holds them (fused projections block by block)."""
     plan = _check_plan(modules.index, modules.shape_widths(head_dim), keep_q, keep_kv, keep_channels)
-    for pruned, kept in _kept_per_module(modules, head_dim, plan):
+    for pruned, kept in kept_per_module(modules, head_dim, plan):
         slice_module_(pruned, kept, optimizer)
     keep_q, keep_kv, keep_channels = plan
     set_attention_head_counts(modules.attention, len(keep_q), len(keep_kv))
@@ -144,7 +144,7 @@ def apply_masks_(modules: LayerModules, head_dim: int, optimizer: torch.optim.Op
     """Zero every weight of the masked units of one layer (adapters and optimizer state too)."""
     if modules.live is None:
         return
-    for pruned, kept in _kept_per_module(modules, head_dim, modules.live):
+    for pruned, kept in kept_per_module(modules, head_dim, modules.live):
         for module in (pruned.module, *lora_factors(pruned)):
             for name, dim in pruned_parameters(module, pruned.dim):
                 param = getattr(module, name)

@@ -32,7 +32,7 @@ from hf_adapt_pruner import (
     save_pruned,
 )
 from hf_adapt_pruner.sharding import full_tensor
-from hf_adapt_pruner.surgery import _kept_per_module
+from hf_adapt_pruner.surgery import kept_per_module
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -71,7 +71,7 @@ def masked_units_are_zero(pruner, optimizer=None) -> bool:
     for lm in pruner.layers:
         if lm.live is None:
             continue
-        for pruned, kept in _kept_per_module(lm, pruner.head_dim, lm.live):
+        for pruned, kept in kept_per_module(lm, pruner.head_dim, lm.live):
             weight = pruned.module.weight
             dropped = torch.ones(weight.shape[pruned.dim], dtype=torch.bool)
             dropped[kept] = False
@@ -98,8 +98,10 @@ class Recorder(TrainerCallback):
             self.masked_zero_every_step = False
         if self.pruner_callback.events_done > self.events_seen:
             self.events_seen = self.pruner_callback.events_done
+            reports = self.pruner_callback.reports  # empty after a resume, until the next event
             self.checks.append({"step": state.global_step, "params": pruner.num_parameters(), "mode": pruner.mode,
-                                "identical": identical_across_ranks(model, optimizer.optimizer)})  # fmt: skip
+                                "identical": identical_across_ranks(model, optimizer.optimizer),
+                                "refit_tokens": reports[-1].reconstruction_tokens if reports else None})  # fmt: skip
             teacher = self.pruner_callback._distiller.teacher if self.pruner_callback._distiller else None
             if teacher is not None:  # one per rank, identical, frozen, not inside DDP's module
                 ddp_modules = {id(m) for m in self.trainer.model_wrapped.modules()}

@@ -54,7 +54,8 @@ class Recorder(TrainerCallback):
             layouts = [None] * dist.get_world_size()
             dist.all_gather_object(layouts, pruner.model.config.pruned_mask)
             self.events.append({"step": state.global_step, "params": pruner.num_parameters(), "mode": pruner.mode,
-                                "same_on_every_rank": all(layout == layouts[0] for layout in layouts)})  # fmt: skip
+                                "same_on_every_rank": all(layout == layouts[0] for layout in layouts),
+                                "refit_tokens": self.pruner_callback.reports[-1].reconstruction_tokens})  # fmt: skip
 
 
 def main() -> None:

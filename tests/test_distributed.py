@@ -89,6 +89,8 @@ def test_ranks_stay_bit_identical_through_prune_events(run, request):
     assert [c["step"] for c in result["checks"]] == [2, 9]
     assert {c["mode"] for c in result["checks"]} == {"mask" if run == "mask_run" else "physical"}
     assert all(c["identical"] for c in result["checks"]) and result["final_identical"]
+    # each event refit the kept weights from both ranks' window tokens (2 steps x 2 ranks x 2 x 16 tokens, at least)
+    assert all(c["refit_tokens"] >= 2 * 2 * 2 * 16 for c in result["checks"])
     for check, target in zip(result["checks"], result["targets"]):
         assert abs(check["params"] - target) <= 0.01 * target
     assert result["checks"][0]["params"] > result["checks"][1]["params"] == result["params"]
@@ -144,6 +146,7 @@ def test_fsdp2_prunes_with_masks_that_stay_zero(fsdp_run):
     assert [e["mode"] for e in result["events"]] == ["mask", "mask"]
     assert all(e["same_on_every_rank"] for e in result["events"])
     assert result["zero_after_every_step"]  # weights and Adam moments of masked units, gathered from the shards
+    assert all(e["refit_tokens"] > 0 for e in result["events"])  # the sharded weights were refit, row by row
     for event, target in zip(result["events"], result["targets"]):  # at most one head group below the target
         assert target * 0.95 <= event["params"] <= target * 1.005
     assert result["events"][0]["params"] > result["events"][1]["params"] == result["params"]
