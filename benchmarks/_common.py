@@ -92,12 +92,22 @@ def other_source_texts(text_dir: str) -> list[str]:
     return read_texts([files[i] for i in order])
 
 
+def cpu_model() -> str:
+    """The processor's model name (`/proc/cpuinfo`), which decides how fast the rows of a run are."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return platform.processor() or "unknown"
+
+
 def write(name: str, args, payload: dict) -> Path:
     payload = {
         "benchmark": name,
         "smoke": args.smoke,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {
+            "cpu": cpu_model(),
             "cpus": torch.get_num_threads(),
             "platform": platform.platform(),
             "torch": torch.__version__,

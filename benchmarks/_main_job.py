@@ -61,6 +61,7 @@ class Spec:
     eval_blocks: int = 48
     bf16: bool = False  # train under bfloat16 autocast (evaluation stays float32)
     teacher_dtype: str | None = None  # DistillationConfig.teacher_dtype of a distilled run
+    reconstruction: str = "none"  # PrunerConfig.reconstruction (rows measured before it existed had none)
     smoke: bool = False
     text_dir: str = TEXT_DIR
     other_text_dir: str = OTHER_TEXT_DIR
@@ -72,7 +73,16 @@ class Spec:
     def key(self) -> tuple:
         """What makes two runs the same run (a row measured for one benchmark serves another); the original model
         is not trained, so its training settings do not count, and the LM loss has no temperature."""
-        untrained = ("stages", "steps", "temperature", "learning_rate", "recovery_fraction", "batch_size", "bf16")
+        untrained = (
+            "stages",
+            "steps",
+            "temperature",
+            "learning_rate",
+            "recovery_fraction",
+            "batch_size",
+            "bf16",
+            "reconstruction",
+        )
         ignored = ("text_dir", "other_text_dir", *(untrained if self.method == "original" else ()),
                    *(("temperature",) if self.method == "lm" else ()))  # fmt: skip
         return tuple(v for k, v in dataclasses.asdict(self).items() if k not in ignored)
@@ -152,7 +162,7 @@ def one_run(spec: Spec, task: ClozeTask) -> dict:
                                               teacher_dtype=spec.teacher_dtype)  # fmt: skip
         config = PrunerConfig(target_ratio=0.7, num_stages=spec.stages, importance_window=2 if spec.smoke else 4,
                               recovery_fraction=spec.recovery_fraction, inner_steps=5, calibration_samples=16,
-                              calibration_seq_len=spec.seq_len)  # fmt: skip
+                              calibration_seq_len=spec.seq_len, reconstruction=spec.reconstruction)  # fmt: skip
         with tempfile.TemporaryDirectory() as output_dir:  # its own prune_events.json (runs may be concurrent)
             callback = AdaptPrunerCallback(config, distillation=distillation)
             row |= train(model, train_blocks, spec, callback, output_dir)

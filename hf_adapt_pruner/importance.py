@@ -121,7 +121,7 @@ class GroupScores:
         return GroupScores(*(t.detach().double().cpu() for t in (self.q_heads, self.kv_heads, self.channels)))
 
 
-def _effective_weight(pruned: PrunedModule) -> torch.Tensor:
+def effective_weight(pruned: PrunedModule) -> torch.Tensor:
     """The weight the layer computes with: the base weight plus the deltas of its active LoRA adapters."""
     weight = pruned.module.weight.detach().float()
     adapter = pruned.adapter
@@ -137,7 +137,7 @@ def _entry_saliency(pruned: PrunedModule, metric: str) -> torch.Tensor:
     """Saliency summed per entry of the pruned dimension (weight, plus bias along dim 0), in float32."""
     total = None
     for param, dim in pruned.parameters():
-        w = _effective_weight(pruned) if param is pruned.module.weight else param.detach().float()
+        w = effective_weight(pruned) if param is pruned.module.weight else param.detach().float()
         if metric == "taylor":
             if param.grad is None:
                 raise RuntimeError(

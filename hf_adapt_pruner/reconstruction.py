@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .architectures import LayerModules, PrunedModule
+from .importance import effective_weight
 from .sharding import full_tensor, is_sharded
 from .surgery import kept_per_module
 
@@ -146,20 +147,6 @@ def least_squares_correction(
     return w_s @ solution.T  # (out, |K|)
 
 
-def _effective_weight(pruned: PrunedModule) -> torch.Tensor:
-    """The weight the layer applies: its own, plus the active (unmerged) LoRA deltas around it."""
-    weight = pruned.module.weight
-    adapter = pruned.adapter
-    if adapter is None or getattr(adapter, "merged", False) or getattr(adapter, "disable_adapters", False):
-        return weight.detach()
-    effective = weight.detach().float().clone()
-    for name in adapter.active_adapters:
-        if name in adapter.lora_A:
-            delta = adapter.lora_B[name].weight.float() @ adapter.lora_A[name].weight.float()
-            effective += adapter.scaling[name] * delta.detach()
-    return effective
-
-
 def refit_layer_(
     lm: LayerModules, head_dim: int, plan: Sequence[torch.Tensor], grams: GramStatistics, damping: float
 ) -> dict[int, torch.Tensor]:
@@ -178,7 +165,7 @@ def refit_layer_(
         gram = grams.grams.get((lm.index, position))
         if removed.numel() == 0 or gram is None:
             continue
-        weight = full_tensor(_effective_weight(pruned))  # every rank computes the whole correction
+        weight = full_tensor(effective_weight(pruned))  # every rank computes the whole correction
         correction = least_squares_correction(weight, gram, kept, removed, damping)
         _add_columns_(pruned.module.weight, kept, correction)
     return result
