@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from _docs_common import grouped, header, load, measured, originals, plt, seeds, sources
+from _docs_reconstruction import reconstruction_main_job_section, reconstruction_section
 from _docs_training import distillation_section, stages_budget_section
 
 
@@ -280,6 +281,12 @@ def main() -> None:
                           ("distributed", distributed_section), ("gguf_serving", serving_section)):  # fmt: skip
         result = load(args.results, name)
         lines += section(result, args.docs) if result else [f"## {name}", "", "_Not measured yet._", ""]
+    sweeps = [r for r in measured(args.results, "reconstruction") if r["benchmark"] == "reconstruction"]
+    lines += (
+        reconstruction_section(sweeps, args.docs) if sweeps else ["## reconstruction", "", "_Not measured yet._", ""]
+    )
+    result = load(args.results, "reconstruction_main_job")
+    lines += reconstruction_main_job_section(result, args.docs) if result else []
     distillations = measured(args.results, "distillation")  # one section per budget, events and learning rate
     for result in sorted(
         distillations, key=lambda r: (r["steps"], r["stages"], r["rows"][1]["spec"]["learning_rate"])

@@ -1,0 +1,104 @@
+"""The docs' reconstruction sections: one-shot with and without the least-squares refit, and the main job."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from _docs_common import header, originals, plt, seeds, sources
+
+
+MODES = ("none", "least_squares")
+
+
+def cell(rows: list[dict], key: str, form: str = "{:.2f}") -> str:
+    """'mean (each seed)' of `key` over the rows that have it, or a dash."""
+    values = [r[key] for r in rows if key in r]
+    if not values:
+        return "—"
+    each = f" ({', '.join(form.format(v) for v in values)})" if len(values) > 1 else ""
+    return form.format(statistics.mean(values)) + each
+
+
+def paired_change(rows: list[dict], key: str) -> list[float]:
+    """Per seed: % change of `key` with the refit against without, for rows of one keep ratio."""
+    by_seed = {}
+    for row in rows:
+        if key in row:
+            by_seed.setdefault(row["seed"], {})[row["mode"]] = row[key]
+    return [100 * (pair["least_squares"] / pair["none"] - 1) for _, pair in sorted(by_seed.items()) if len(pair) == 2]
+
+
+def one_shot_rows(results: list[dict]) -> tuple[dict, list[dict]]:
+    """(the first result, every pruned row of all results): the sweep may be split over several files."""
+    return results[0], [row for result in results for row in result["rows"][1:]]
+
+
+def reconstruction_section(results: list[dict], docs: Path) -> list[str]:
+    first, rows = one_shot_rows(results)
+    names = sources(first)
+    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
+    notes = " ".join(dict.fromkeys(r.get("note", "") for r in results))
+    lines = ["## One-shot with and without least-squares reconstruction", "", header(first),
+             f"CPU: {first['machine'].get('cpu', 'not recorded')}. Each keep and seed pruned twice from the same "
+             "calibration sample, with `reconstruction=\"none\"` and `\"least_squares\"` (defaults otherwise, float32 "
+             f"scoring passes). Held-out perplexity on {first['eval_tokens']:,} tokens of each source: "
+             f"{' and '.join(names)} (original: {originals(first)}), mean (each seed); change: the refit against "
+             "none, per seed. `peak`: resident memory during the prune above the memory before it, in model sizes "
+             f"(float32 weights: {first['model_bytes'] / 1e9:.2f} GB). {notes}",
+             "", "| keep | reconstruction | " + " | ".join(f"ppl {n}" for n in names) + " | prune s | peak |",
+             "|---:|---|" + "---:|" * (len(names) + 2)]  # fmt: skip
+    for ratio in ratios:
+        for mode in MODES:
+            group = [r for r in rows if r["ratio"] == ratio and r["mode"] == mode]
+            if group:
+                cells = [cell(group, f"ppl {n}") for n in names]
+                cost = [cell([r for r in group if "from" not in r], k, "{:.2f}" if "peak" in k else "{:.0f}")
+                        for k in ("prune_seconds", "peak_over_before_in_model_sizes")]  # fmt: skip
+                lines.append(f"| {ratio} | {mode} | {' | '.join([*cells, *cost])} |")
+        group = [r for r in rows if r["ratio"] == ratio]
+        changes = [", ".join(f"{c:+.1f} %" for c in paired_change(group, f"ppl {n}")) or "—" for n in names]
+        lines.append(f"| {ratio} | change per seed | {' | '.join(changes)} | | |")
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
+    for ax, source in zip(axes, names):
+        for mode in MODES:
+            kept = [x for x in ratios if any(r["ratio"] == x and r["mode"] == mode for r in rows)]
+            kept = [
+                x for x in kept if any(f"ppl {source}" in r for r in rows if r["ratio"] == x and r["mode"] == mode)
+            ]
+            means = [statistics.mean(r[f"ppl {source}"] for r in rows
+                                     if r["ratio"] == x and r["mode"] == mode and f"ppl {source}" in r)
+                     for x in kept]  # fmt: skip
+            ax.plot(kept, means, marker="o", label=f"reconstruction={mode}")
+        ax.axhline(first["rows"][0][f"ppl {source}"], color="gray", linestyle="--", label="original")
+        ax.set(xlabel="fraction of parameters kept", ylabel="perplexity (log)", yscale="log", title=source)
+        ax.invert_xaxis()
+    axes[0].legend(fontsize=8)
+    fig.suptitle("One-shot Adapt-Pruner, SmolLM2-135M: least-squares reconstruction")
+    fig.tight_layout()
+    fig.savefig(docs / "reconstruction.png", dpi=120)
+    plt.close(fig)
+    return [*lines, "", "![reconstruction](reconstruction.png)", ""]
+
+
+def reconstruction_main_job_section(result: dict, docs: Path) -> list[str]:
+    original, rows = result["rows"][0], result["rows"][1:]
+    lines = ["## Main job with and without least-squares reconstruction", "", header(result),
+             f"CPU: {result['machine'].get('cpu', 'not recorded')}. {result['model']} to keep "
+             f"{result['target_ratio']} in "
+             f"{result['stages']} prune events over {result['steps']} steps of {result['batch']} of python3.11-doc, "
+             f"distillation alpha {result['distill_alpha']}, Taylor scores and Gram matrices from the training steps "
+             f"before each event. Held-out perplexity on {result['eval_tokens']:,} tokens of python3.11-doc files "
+             f"never trained on (original {original['ppl_in_domain']:.2f}) and of git-doc (original "
+             f"{original['ppl_other_source']:.2f}); cloze: zero-shot accuracy on {result['cloze']['questions']} "
+             f"4-way questions from git-doc prose (original {original['cloze']['acc']:.3f}); mean (each seed). "
+             + result.get("note", ""), "",
+             "| reconstruction | ppl python3.11-doc | ppl git-doc | cloze | train s |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for mode in MODES:
+        group = [r for r in rows if r["spec"].get("reconstruction", "none") == mode]
+        cloze = [{"cloze": r["cloze"]["acc"]} for r in group]
+        seconds = statistics.mean(r["train_seconds"] for r in group)
+        lines.append(f"| {mode} | {seeds(group, 'ppl_in_domain')} | {seeds(group, 'ppl_other_source')} | "
+                     f"{seeds(cloze, 'cloze')} | {seconds:.0f} |")  # fmt: skip
+    return [*lines, ""]
