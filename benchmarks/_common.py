@@ -92,6 +92,17 @@ def other_source_texts(text_dir: str) -> list[str]:
     return read_texts([files[i] for i in order])
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it has AMX (bfloat16 matrix units), e.g. 'AMD EPYC, no AMX'."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    amx = "with AMX" if re.search(r"\bamx_tile\b", info) else "no AMX"
+    return f"{name.group(1).strip() if name else platform.processor() or 'unknown'}, {amx}"
+
+
 def write(name: str, args, payload: dict) -> Path:
     payload = {
         "benchmark": name,
@@ -99,6 +110,7 @@ def write(name: str, args, payload: dict) -> Path:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {
             "cpus": torch.get_num_threads(),
+            "cpu": cpu_model(),
             "platform": platform.platform(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
