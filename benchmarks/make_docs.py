@@ -119,7 +119,7 @@ def one_shot_time_section(result: dict, docs: Path) -> list[str]:
 def main_job_allocation_section(result: dict, docs: Path) -> list[str]:
     rows = result["rows"][1:]
     names = sources(result)
-    lines = ["## Adapt-Accel (the main job): score vs proportional allocation", "",
+    lines = ["## Adapt-Accel: score vs proportional allocation", "",
              f"Keep {result['target_ratio']}, {result['num_stages']} prune events in {result['steps']} steps of "
              f"{result['batch']}, importance from the training gradients; the same data order for both allocations "
              f"at each seed. Perplexity on {result['eval_tokens']:,} held-out tokens of each source ({SPREAD}; "
