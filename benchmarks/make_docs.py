@@ -18,8 +18,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SPREAD = ("128-token blocks evenly spaced over the held-out python3.11-doc files, `in-domain`, and over git-doc's "
           "files, `other source`")  # fmt: skip
 FIRST = "the first 128-token blocks of the held-out python3.11-doc files"
+FIRST_BOTH = ("the first 48 x 128-token blocks of the held-out python3.11-doc files and of git-doc's files in a fixed "
+              "shuffled order, as in the distillation sections")  # fmt: skip
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
+
+
+def main_job_section(result: dict, docs: Path) -> list[str]:
+    """One run of examples/adapt_accel_smollm2.py at its defaults, as it printed."""
+    names = list(result["results"][0]["perplexity"])
+    lines = ["## The main job (examples/adapt_accel_smollm2.py)", "",
+             f"`{result['command']}`: keep 0.7 in {len(result['schedule'])} prune events over "
+             f"{result['train_steps']} steps ({result['train_tokens']:,} tokens of python3.11-doc), distillation "
+             f"alpha 0.5, one seed. Perplexity on {FIRST_BOTH}. Time: {result['cpu_minutes']:.1f} minutes of CPU "
+             f"time, {result['wall_minutes']:.1f} minutes wall. {note(result)}", "",
+             "| model | parameters | " + " | ".join(f"ppl {n}" for n in names) + " |",
+             "|---|---:|" + "---:|" * len(names)]  # fmt: skip
+    for row in result["results"]:
+        cells = " | ".join(f"{row['perplexity'][n]:.2f}" for n in names)
+        lines.append(f"| {row['model']} | {row['params']:,} | {cells} |")
+    sample = result["sample"].replace("\n", " ")
+    return [*lines, "", f"Reloaded with `trust_remote_code=True`, the pruned model continues \"In Python, a decorator "
+            f"is\" with \"{sample}\"", ""]  # fmt: skip
 
 
 def one_shot_section(result: dict, docs: Path) -> list[str]:
@@ -283,7 +303,8 @@ def main() -> None:
     args.docs.mkdir(parents=True, exist_ok=True)
     sections: list[str] = []
     settings: list[str] = []  # one row of the Setting table per result file
-    for name, section in (("one_shot_quality", one_shot_section), ("one_shot_pairs", one_shot_pairs_section),
+    for name, section in (("main_job", main_job_section),
+                          ("one_shot_quality", one_shot_section), ("one_shot_pairs", one_shot_pairs_section),
                           ("one_shot_cost", one_shot_cost_section),
                           ("one_shot_time", one_shot_time_section),
                           ("taylor_scale", taylor_scale_section), ("main_job_allocation", main_job_allocation_section),

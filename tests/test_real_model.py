@@ -63,7 +63,7 @@ def test_main_job_adapt_accel_smollm2(tmp_path):
         capture_output=True, text=True, timeout=2400, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.startswith("Expected time at the defaults: about ")
+    assert result.stdout.startswith("Expected time at the defaults: ")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     print(json.dumps(summary, indent=2))
     rows = {row["model"]: row for row in summary["results"]}
