@@ -62,7 +62,7 @@ def pytest_collection_modifyitems(config, items):
     marks = config.getoption("markexpr") or ""
     if RUN_SLOW or ("slow" in marks and "not slow" not in marks):
         return
-    skip = pytest.mark.skip(reason="slow: set HF_ADAPT_PRUNER_SLOW=1 (CI sets CI=true) to run")
+    skip = pytest.mark.skip(reason="slow: run with -m slow, CI=true or HF_ADAPT_PRUNER_SLOW=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
