@@ -93,12 +93,14 @@ def other_source_texts(text_dir: str) -> list[str]:
 
 
 def cpu_model() -> str:
-    """The processor's model name (`/proc/cpuinfo`), which decides how fast the rows of a run are."""
+    """The CPU's model name and whether it has AMX (bfloat16 matrix units), e.g. 'AMD EPYC, no AMX'."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown"
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    amx = "with AMX" if re.search(r"\bamx_tile\b", info) else "no AMX"
+    return f"{name.group(1).strip() if name else platform.processor() or 'unknown'}, {amx}"
 
 
 def write(name: str, args, payload: dict) -> Path:
@@ -107,8 +109,8 @@ def write(name: str, args, payload: dict) -> Path:
         "smoke": args.smoke,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {
-            "cpu": cpu_model(),
             "cpus": torch.get_num_threads(),
+            "cpu": cpu_model(),
             "platform": platform.platform(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,

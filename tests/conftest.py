@@ -32,7 +32,7 @@ from fake_hub import FakeHub
 from tiny_models import MODEL_TYPES, tiny_model
 
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 unless the caller says
 
 
 @pytest.fixture(params=MODEL_TYPES)
@@ -57,10 +57,12 @@ RUN_SLOW = os.environ.get("CI", "").lower() in ("1", "true") or os.environ.get("
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests (the real SmolLM2 model) run in CI (CI=true) or with HF_ADAPT_PRUNER_SLOW=1."""
-    if RUN_SLOW:
+    """Slow tests (the real SmolLM2 model) run in CI (CI=true), with HF_ADAPT_PRUNER_SLOW=1, or when selected by
+    marker (`-m slow`)."""
+    marks = config.getoption("markexpr") or ""
+    if RUN_SLOW or ("slow" in marks and "not slow" not in marks):
         return
-    skip = pytest.mark.skip(reason="slow: set HF_ADAPT_PRUNER_SLOW=1 (CI sets CI=true) to run")
+    skip = pytest.mark.skip(reason="slow: run with -m slow, CI=true or HF_ADAPT_PRUNER_SLOW=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

@@ -1,7 +1,10 @@
 """Run in a fresh process where hf_adapt_pruner cannot be imported: load a pruned folder the way a user without the
 package would, and print JSON with what was checked.
 
-usage: python fresh_load.py MODEL_DIR_OR_REPO INPUT_IDS_JSON
+usage: python fresh_load.py MODEL_DIR_OR_REPO [MODEL_DIR_OR_REPO ...] INPUT_IDS_JSON
+
+One source prints one JSON object; several print a JSON list, one object per source in order (one process start and
+one import of torch and transformers for all of them).
 """
 
 import importlib.abc
@@ -21,23 +24,27 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline  # noqa: E402
 
 
-source, input_ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
-model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, attn_implementation="eager")
-with torch.no_grad():
-    logits = model(input_ids).logits
-generated = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=4, do_sample=False)
-tokenizer = AutoTokenizer.from_pretrained(source)  # no flag: the y/N trust question finds no terminal and is declined
-generator = pipeline("text-generation", model=source, trust_remote_code=True)
-text = generator("w5 w6 w7", max_new_tokens=3, do_sample=False)[0]["generated_text"]
-print(
-    "\n"
-    + json.dumps(
-        {
-            "class": type(model).__module__ + "." + type(model).__name__,
-            "logits": logits.tolist(),
-            "generated_shape": list(generated.shape),
-            "tokenized": tokenizer("w5 w6")["input_ids"],
-            "pipeline_text": text,
-        }
-    )
-)
+*sources, input_ids = sys.argv[1:]
+input_ids = torch.tensor(json.loads(input_ids))
+
+
+def check(source: str) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, attn_implementation="eager")
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    attention_mask = torch.ones_like(input_ids)
+    generated = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False)
+    tokenizer = AutoTokenizer.from_pretrained(source)  # no flag: the y/N trust question finds no terminal, is declined
+    generator = pipeline("text-generation", model=source, trust_remote_code=True)
+    text = generator("w5 w6 w7", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    return {
+        "class": type(model).__module__ + "." + type(model).__name__,
+        "logits": logits.tolist(),
+        "generated_shape": list(generated.shape),
+        "tokenized": tokenizer("w5 w6")["input_ids"],
+        "pipeline_text": text,
+    }
+
+
+results = [check(source) for source in sources]
+print("\n" + json.dumps(results[0] if len(results) == 1 else results))

@@ -40,4 +40,10 @@ def test_make_docs_renders_the_committed_results(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     text = (tmp_path / "benchmarks.md").read_text()
     assert text.startswith("# Benchmarks")
-    assert "| 0.8 | 0, 1, 2, 3 | " in text.split("paired by seed")[1]  # one_shot_pairs.json beside the sweep
+    pairs = text.split("## One-shot: adaptive against attention not pruned, paired by seed")[1]
+    assert "| 0.8 | 0, 1, 2, 3 | " in pairs  # one_shot_pairs.json beside the sweep
+    assert text.count("| section | date | CPU | threads | torch | transformers |") == 1  # the setting, stated once
+    for word in ("issue", "previous", "session", "alpha 1.0"):  # the page speaks of the product, not its history
+        assert word not in text.lower(), word
+    committed = BENCHMARKS.parent / "docs" / "benchmarks.md"
+    assert committed.read_text() == text, "docs/benchmarks.md is stale: run python benchmarks/make_docs.py"

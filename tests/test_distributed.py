@@ -17,9 +17,10 @@ from test_serialization import load_in_fresh_process
 
 JOB = Path(__file__).parent / "distributed_job.py"
 DDP_RUNS = ["ddp_run", "accelerate_run", "unattached_run", "accelerate_unattached_run"]  # physical pruning
-# Covered in the quick run by ddp_run (torchrun) and accelerate_unattached_run (accelerate, no attach), and mask mode
-# across ranks by fsdp_run; CI runs all
-SLOW_RUNS = {"accelerate_run", "unattached_run", "mask_run"}
+# The quick run keeps ddp_run (torchrun: physical pruning, checkpoints, resume), distill_run (a teacher per rank) and
+# mask mode across ranks by fsdp_run; finding the Trainer without attach() is tested in one process
+# (test_unattached.py). CI runs all (each 2-process job takes 15-40 s)
+SLOW_RUNS = {"accelerate_run", "unattached_run", "accelerate_unattached_run", "mask_run"}
 
 
 def runs(*names: str) -> list:

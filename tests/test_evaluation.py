@@ -29,6 +29,7 @@ def test_evaluate_metric_loads_offline_and_matches_perplexity(tmp_path, monkeypa
     assert math.isclose(result["mean_perplexity"], perplexity(model, blocks), rel_tol=1e-5)
 
 
+@pytest.mark.slow  # importing lm-eval and its harness costs more than the rest of this file: CI runs it
 def test_lm_eval_scores_a_pruned_model_on_a_local_task(tmp_path, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager

@@ -55,23 +55,25 @@ def test_smollm2_one_shot_to_70_percent(tmp_path):
 
 
 def test_main_job_adapt_accel_smollm2(tmp_path):
-    """The README's main job at its defaults: 4 prune events while training, then a fresh-process reload."""
+    """The README's main job at its defaults: 10 prune events while training with distillation, then a fresh-process
+    reload and a sample."""
     output = tmp_path / "smollm2-adapt-accel"
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "adapt_accel_smollm2.py"), "--output", str(output)],
-        capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=2400, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.startswith("Expected time at the defaults: ")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     print(json.dumps(summary, indent=2))
     rows = {row["model"]: row for row in summary["results"]}
-    original, one_shot = rows["original"], rows["one-shot, no training"]
+    assert list(rows) == ["original", "Adapt-Accel, distillation alpha 0.5"]
+    original, accel = rows["original"], rows["Adapt-Accel, distillation alpha 0.5"]
     target = round(original["params"] * 0.7)
-    for run in ("LM loss", "distillation alpha 0.5"):
-        accel = rows[f"Adapt-Accel, 4 stages, {run}"]
-        assert abs(accel["params"] - target) / target <= 0.005
-        assert accel["perplexity"]["python-doc"] < one_shot["perplexity"]["python-doc"]
+    assert abs(accel["params"] - target) / target <= 0.005
+    assert accel["perplexity"]["python-doc"] < original["perplexity"]["python-doc"]  # it trained on that domain
     assert [s["step"] for s in summary["schedule"]] == sorted(s["step"] for s in summary["schedule"])
+    assert len(summary["schedule"]) == 10
     assert summary["sample"].strip()
     assert json.loads((output / "config.json").read_text())["model_type"] == "adapt_pruned_llama"
 

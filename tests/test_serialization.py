@@ -27,21 +27,36 @@ def logits(model, input_ids=INPUT):
         return model(input_ids).logits
 
 
-def load_in_fresh_process(source: str | Path, env: dict | None = None) -> dict:
-    """Load `source` in a new Python process where hf_adapt_pruner is not importable."""
+def load_in_fresh_process(*sources: str | Path, env: dict | None = None) -> dict | list[dict]:
+    """Load each source in one new Python process where hf_adapt_pruner is not importable (a dict for one source, a
+    list for several)."""
     result = subprocess.run(
-        [sys.executable, str(FRESH_LOAD), str(source), json.dumps(INPUT.tolist())],
+        [sys.executable, str(FRESH_LOAD), *map(str, sources), json.dumps(INPUT.tolist())],
         capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def saved_every_type(tmp_path_factory) -> dict:
+    """Every supported type pruned and saved, then loaded in one fresh process (starting a process and importing
+    torch and transformers cost more than the loads): model_type -> (model, its logits, folder, what the process saw).
+    Each folder has its own name, so each gets its own module of remote code."""
+    root = tmp_path_factory.mktemp("anywhere")
+    saved = {}
+    for model_type in MODEL_TYPES:
+        model = pruned_tiny_model(model_type)
+        folder = save_pruned(model, root / f"pruned_{model_type}", tiny_tokenizer(),
+                             pruner_config=PrunerConfig(target_ratio=0.6))  # fmt: skip
+        saved[model_type] = (model, logits(model), folder)
+    fresh = load_in_fresh_process(*(folder for _, _, folder in saved.values()))
+    return {model_type: (*saved[model_type], seen) for model_type, seen in zip(saved, fresh)}
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_saved_model_loads_anywhere(model_type, tmp_path):
-    model = pruned_tiny_model(model_type)
-    expected = logits(model)
-    folder = save_pruned(model, tmp_path / "pruned", tiny_tokenizer(), pruner_config=PrunerConfig(target_ratio=0.6))
+def test_saved_model_loads_anywhere(model_type, saved_every_type):
+    model, expected, folder, fresh = saved_every_type[model_type]
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", CONFIG_FILE, MODELING_FILE, "generation_config.json",
             "tokenizer.json", "pruner_config.json", "README.md"} <= names  # fmt: skip
@@ -56,7 +71,6 @@ def test_saved_model_loads_anywhere(model_type, tmp_path):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_adapt_pruner.AdaptPrunedForCausalLM"
     assert config["pruned_layout"]["num_attention_heads"] == model.config.pruned_layout["num_attention_heads"]
 
-    fresh = load_in_fresh_process(folder)
     assert fresh["class"].startswith("transformers_modules.")
     assert (torch.tensor(fresh["logits"]) - expected).abs().max() <= 1e-6
     assert fresh["generated_shape"] == [2, 13]
