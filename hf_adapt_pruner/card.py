@@ -17,8 +17,8 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import PrunerConfig
-from .layout import LAYOUT_KEY, PrunedLayout
-from .pruner import count_parameters
+from .layout import PrunedLayout
+from .pruner import count_parameters, current_layout
 from .remote_code import base_model_type
 
 
@@ -106,7 +106,7 @@ def model_card(
 ) -> ModelCard:
     """The card of a pruned model; `picture` is the file name of its PNG next to the card (None: no picture)."""
     config = model.config
-    layout = PrunedLayout.from_dict(getattr(config, LAYOUT_KEY), num_layers=config.num_hidden_layers)
+    layout = current_layout(model)  # with its history (the importances come from there)
     if base_model is None:
         name = str(getattr(config, "_name_or_path", "") or "")
         base_model = name if name.count("/") == 1 and not os.path.exists(name) else None

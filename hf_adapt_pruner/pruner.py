@@ -26,6 +26,7 @@ from .checks import check_model, check_optimizer, check_target_below, vocabulary
 from .config import PrunerConfig
 from .data import CalibrationData
 from .distributed import RankSync, is_distributed
+from .history import adopt_history, pruning_history
 from .importance import GroupScores
 from .layout import LAYOUT_KEY, MASK_KEY, LayerWidths, PrunedLayout
 from .modeling.modeling_adapt_pruner import pruned_parameters
@@ -70,13 +71,16 @@ def unit_costs(lm: LayerModules, head_dim: int) -> dict[str, int]:
 
 
 def current_layout(model: nn.Module) -> PrunedLayout:
-    """The model's layout: read from its config after a prune event, else built from its uniform config."""
+    """The model's layout: read from its config (and its history: `pruning_history`) after a prune event, else
+    built from its uniform config."""
     model = unwrap_peft(model)
     config = model.config
     for key in (LAYOUT_KEY, MASK_KEY):
         stored = getattr(config, key, None)
         if stored is not None:
-            return PrunedLayout.from_dict(stored, num_layers=config.num_hidden_layers)
+            layout = PrunedLayout.from_dict(stored, num_layers=config.num_hidden_layers)
+            layout.history = copy.deepcopy(pruning_history(model))
+            return layout
     spec = get_architecture(base_model_type(config.model_type))
     layers = layer_modules(model, spec)
     head_dim = int(getattr(layers[0].attention, "head_dim", None) or config.head_dim)
@@ -281,11 +285,12 @@ class AdaptivePruner:
             self.layout.history.append({"num_parameters": params, "layer_importance": importance, "layers": changed})
         self.layout.sparsity = self.sparsity.tolist()
         self.model.config.head_dim = self.head_dim
+        adopt_history(self.model, self.layout.history)  # the history goes to its own file, not to config.json
         if self.mode == "mask":  # shapes unchanged: a stock checkpoint that carries its masks
             live = [[index.tolist() for index in lm.live or lm.all_units(self.head_dim)] for lm in self.layers]
-            setattr(self.model.config, MASK_KEY, {**self.layout.to_dict(), "live": live})
+            setattr(self.model.config, MASK_KEY, {**self.layout.to_dict(history=False), "live": live})
             return
-        setattr(self.model.config, LAYOUT_KEY, self.layout.to_dict())
+        setattr(self.model.config, LAYOUT_KEY, self.layout.to_dict(history=False))
         mark_pruned(self.model)
 
     def _report(
@@ -340,6 +345,7 @@ def materialize_masks(model: nn.Module) -> nn.Module:
 
 def materialize_masks_(sliced: nn.Module) -> nn.Module:
     """`materialize_masks` in place (for a model that is already a copy)."""
+    adopt_history(sliced)  # an old-form config holds it
     stored = getattr(sliced.config, MASK_KEY)
     spec = get_architecture(base_model_type(sliced.config.model_type))
     layout = PrunedLayout.from_dict(stored, num_layers=sliced.config.num_hidden_layers)
@@ -347,7 +353,7 @@ def materialize_masks_(sliced: nn.Module) -> nn.Module:
         prune_layer_(lm, layout.head_dim, *(torch.tensor(index, dtype=torch.long) for index in live))
     delattr(sliced.config, MASK_KEY)
     sliced.config.head_dim = layout.head_dim
-    setattr(sliced.config, LAYOUT_KEY, layout.to_dict())
+    setattr(sliced.config, LAYOUT_KEY, layout.to_dict(history=False))
     mark_pruned(sliced)
     return sliced
 
