@@ -30,12 +30,14 @@ from .history import adopt_history, pruning_history
 from .importance import GroupScores
 from .layout import LAYOUT_KEY, MASK_KEY, LayerWidths, PrunedLayout
 from .modeling.modeling_adapt_pruner import pruned_parameters
+from .plain import mark_saved_form
 from .plans import LayerGeometry, layer_plans
-from .remote_code import base_model_type, mark_pruned
+from .remote_code import base_model_type
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer
 from .sharding import has_sharded_parameters
 from .surgery import apply_masks_, lora_factors, mask_layer_, prune_layer_
+from .uniform import check_uniform_start, uniform_step
 
 
 logger = logging.get_logger(__name__)
@@ -132,6 +134,8 @@ class AdaptivePruner:
         self.geometries = [self._geometry(lm) for lm in self.layers]
         self.sync = RankSync() if is_distributed() else None  # decisions agreed across ranks
         self._check_layout_matches_modules()
+        if config.layout == "uniform":
+            check_uniform_start(self.widths(), self.spec.model_type, config)
 
     # --- bookkeeping --------------------------------------------------------------------------------------------
     def _restore_masks(self) -> None:
@@ -224,10 +228,14 @@ class AdaptivePruner:
             if self.sync is not None:
                 raw, scores = self.sync.average(raw, scores)
             importance = normalize_importance(raw)
-            delta = (params - target_params) / prunable_base / (steps - step)
-            plans = layer_plans(self.geometries, self.widths(), scores, importance, self.config)
-            result = allocation_step(plans, self.sparsity, importance, delta, target_params, fixed, self.config,
-                                     final=step == steps - 1)  # fmt: skip
+            if self.config.layout == "uniform":  # the same widths in every layer (hf_adapt_pruner.uniform)
+                result = uniform_step(self.geometries, self.widths(), scores, params, target_params, steps - step,
+                                      fixed, self.config)  # fmt: skip
+            else:
+                delta = (params - target_params) / prunable_base / (steps - step)
+                plans = layer_plans(self.geometries, self.widths(), scores, importance, self.config)
+                result = allocation_step(plans, self.sparsity, importance, delta, target_params, fixed, self.config,
+                                         final=step == steps - 1)  # fmt: skip
             kept_units = {
                 i: self._select(new, scores[i])
                 for i, (old, new) in enumerate(zip(self.widths(), result.widths))
@@ -291,7 +299,7 @@ class AdaptivePruner:
             setattr(self.model.config, MASK_KEY, {**self.layout.to_dict(history=False), "live": live})
             return
         setattr(self.model.config, LAYOUT_KEY, self.layout.to_dict(history=False))
-        mark_pruned(self.model)
+        mark_saved_form(self.model)
 
     def _report(
         self,
@@ -354,7 +362,7 @@ def materialize_masks_(sliced: nn.Module) -> nn.Module:
     delattr(sliced.config, MASK_KEY)
     sliced.config.head_dim = layout.head_dim
     setattr(sliced.config, LAYOUT_KEY, layout.to_dict(history=False))
-    mark_pruned(sliced)
+    mark_saved_form(sliced)
     return sliced
 
 

@@ -35,8 +35,9 @@ from .config import PrunerConfig
 from .history import HISTORY_FILE, adopt_history, read_history, write_history
 from .layout import LAYOUT_KEY, MASK_KEY, PrunedLayout
 from .modeling.modeling_adapt_pruner import block_sizes
+from .plain import mark_saved_form
 from .pruner import current_layout, materialize_masks, materialize_masks_
-from .remote_code import base_model_type, clear_dequantized_gguf_marker, mark_pruned, pruned_classes
+from .remote_code import base_model_type, clear_dequantized_gguf_marker, pruned_classes
 from .sharding import gather_model, has_sharded_parameters
 
 
@@ -65,6 +66,12 @@ def save_pruned(
     event's kept indices), the generation config, the tokenizer files, `pruner_config.json` and a model card
     `README.md` showing `pruning.png` (per-layer widths and layer importance; written when matplotlib is installed).
     An unpruned model gets a plain save; a mask-mode model is saved sliced to its unmasked units.
+
+    A model whose layers all have the same widths (`PrunerConfig(layout="uniform")`, or an adaptive run that ended
+    that way) is saved as its stock architecture instead: `config.json` is the base `model_type`'s config with the
+    new `num_attention_heads`, `num_key_value_heads`, `intermediate_size` and `head_dim` (plus `pruned_layout`, which
+    stock code ignores), with no `auto_map` and no code files; `AutoModelForCausalLM.from_pretrained(folder)` loads it
+    without remote code.
 
     Everything is written into a temporary folder beside `save_directory` and moved into place at the end, so a
     failure never leaves a half-written model; an existing `save_directory` is replaced only with `overwrite=True`.
@@ -106,7 +113,7 @@ def save_pruned(
     pruned = getattr(model.config, LAYOUT_KEY, None) is not None
     if pruned:
         adopt_history(model)  # an old-form config holds it: config.json is written without it
-        mark_pruned(model)
+        mark_saved_form(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
@@ -214,8 +221,9 @@ def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any)
     """Load a pruned checkpoint (folder or Hub id) with the package's own classes: no code from the checkpoint runs.
 
     Keyword arguments go to `from_pretrained` (`revision`, `token`, `dtype`, `device_map`, ...). A checkpoint
-    without a layout loads as its stock architecture. The pruning history is read from `pruning_history.json` when
-    the checkpoint has one (or from `config.json`, where earlier versions kept it).
+    without a layout, or one saved in its stock-architecture form (equal widths in every layer), loads as its stock
+    architecture. The pruning history is read from `pruning_history.json` when the checkpoint has one (or from
+    `config.json`, where earlier versions kept it).
     """
     if kwargs.pop("trust_remote_code", False):
         raise ValueError("load_pruned never runs remote code; drop trust_remote_code (or use AutoModelForCausalLM).")
@@ -239,8 +247,12 @@ def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any)
         history = read_history(path, config[LAYOUT_KEY])
     else:
         history = _hub_history(str(pretrained_model_name_or_path), kwargs, config[LAYOUT_KEY])
-    _, model_cls = pruned_classes(base_model_type(config["model_type"]))
-    model = model_cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    base = base_model_type(config["model_type"])
+    if base == config["model_type"]:  # the stock-architecture form
+        model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    else:
+        _, model_cls = pruned_classes(base)
+        model = model_cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
     adopt_history(model, history if history is not None else config[LAYOUT_KEY].get("history", []))
     return model
 

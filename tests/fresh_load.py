@@ -1,7 +1,9 @@
 """Run in a fresh process where hf_adapt_pruner cannot be imported: load a pruned folder the way a user without the
 package would, and print JSON with what was checked.
 
-usage: python fresh_load.py MODEL_DIR_OR_REPO INPUT_IDS_JSON
+usage: python fresh_load.py MODEL_DIR_OR_REPO INPUT_IDS_JSON [plain]
+
+With `plain`, nothing is loaded with `trust_remote_code=True` (a model saved as its stock architecture).
 """
 
 import importlib.abc
@@ -22,12 +24,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline  # noqa: 
 
 
 source, input_ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
-model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, attn_implementation="eager")
+trust = sys.argv[3:] != ["plain"]
+model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust, attn_implementation="eager")
 with torch.no_grad():
     logits = model(input_ids).logits
 generated = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=4, do_sample=False)
 tokenizer = AutoTokenizer.from_pretrained(source)  # no flag: the y/N trust question finds no terminal and is declined
-generator = pipeline("text-generation", model=source, trust_remote_code=True)
+generator = pipeline("text-generation", model=source, trust_remote_code=trust)
 text = generator("w5 w6 w7", max_new_tokens=3, do_sample=False)[0]["generated_text"]
 print(
     "\n"

@@ -27,10 +27,11 @@ def logits(model, input_ids=INPUT):
         return model(input_ids).logits
 
 
-def load_in_fresh_process(source: str | Path, env: dict | None = None) -> dict:
-    """Load `source` in a new Python process where hf_adapt_pruner is not importable."""
+def load_in_fresh_process(source: str | Path, env: dict | None = None, plain: bool = False) -> dict:
+    """Load `source` in a new Python process where hf_adapt_pruner is not importable (with `plain`, and
+    trust_remote_code=False)."""
     result = subprocess.run(
-        [sys.executable, str(FRESH_LOAD), str(source), json.dumps(INPUT.tolist())],
+        [sys.executable, str(FRESH_LOAD), str(source), json.dumps(INPUT.tolist()), *(["plain"] if plain else [])],
         capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
