@@ -11,15 +11,12 @@ A model with per-layer widths keeps the remote-code form (`remote_code.mark_prun
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
 from .remote_code import MODEL_TYPE_PREFIX, base_model_type, clear_dequantized_gguf_marker, mark_pruned
-
-
-# model_type: why its stock config cannot describe fewer attention heads than the original (none so far: every
-# supported architecture reads an explicit `head_dim` from its config; see tests/test_uniform_save.py).
-HEADS_NOT_EXPRESSIBLE: dict[str, str] = {}
 
 
 def uniform_widths(layout: PrunedLayout) -> LayerWidths | None:
@@ -28,14 +25,42 @@ def uniform_widths(layout: PrunedLayout) -> LayerWidths | None:
     return LayerWidths(*widths.pop()) if len(widths) == 1 else None
 
 
-def plain_form_refusal(model_type: str, layout: PrunedLayout) -> str | None:
-    """Why a model of `model_type` with `layout` cannot be saved as its stock architecture, or None if it can."""
+def stock_config_refusal(config, widths: LayerWidths, head_dim: int) -> str | None:
+    """Why the stock config class of `config` does not accept these global widths, or None if it does.
+
+    Every supported architecture reads an explicit `head_dim`, but some configs still validate the head count
+    against the hidden size: in transformers 5.25, `LlamaConfig`, `Gemma2Config` and `Gemma3TextConfig` require
+    `hidden_size % num_attention_heads == 0`, so SmolLM2 (hidden 576) may keep 9, 6 or 3 heads but Llama-3-8B
+    (hidden 4096, 8 kv groups of 4) only 32, 16, 8 or 4. The config's own validation decides (`config.validate()`);
+    a config that does not validate as it is gets no say.
+    """
+    candidate = copy.deepcopy(config)
+    if type(candidate).__name__.startswith("AdaptPruned"):
+        candidate.__class__ = type(candidate).__mro__[1]
+    validate = getattr(candidate, "validate", None)
+    if validate is None:
+        return None
+    try:
+        validate()
+    except Exception:  # whatever the config's own check raises: it has no say
+        return None
+    candidate.num_attention_heads, candidate.num_key_value_heads, candidate.intermediate_size = widths.as_tuple()
+    candidate.head_dim = head_dim
+    try:
+        validate()
+    except Exception as error:  # strict dataclass validators raise their own error types
+        return str(error).strip().splitlines()[-1].strip()
+    return None
+
+
+def plain_form_refusal(config, layout: PrunedLayout) -> str | None:
+    """Why a model with `config` and `layout` cannot be saved as its stock architecture, or None if it can."""
     widths = uniform_widths(layout)
     if widths is None:
         return "its layers have different widths"
-    base = base_model_type(model_type)
-    if base in HEADS_NOT_EXPRESSIBLE and widths.num_attention_heads != layout.base.get("num_attention_heads"):
-        return f"the stock {base!r} config cannot describe fewer heads ({HEADS_NOT_EXPRESSIBLE[base]})"
+    reason = stock_config_refusal(config, widths, layout.head_dim)
+    if reason is not None:
+        return f"the stock {base_model_type(config.model_type)!r} config does not accept its widths ({reason})"
     return None
 
 
@@ -52,7 +77,7 @@ def mark_plain(model: nn.Module) -> None:
     """
     config = model.config
     layout = PrunedLayout.from_dict(getattr(config, LAYOUT_KEY), num_layers=config.num_hidden_layers)
-    refusal = plain_form_refusal(config.model_type, layout)
+    refusal = plain_form_refusal(config, layout)
     if refusal is not None:
         raise ValueError(f"Cannot save this model as its stock architecture: {refusal}.")
     clear_dequantized_gguf_marker(model)
@@ -71,7 +96,7 @@ def mark_saved_form(model: nn.Module) -> None:
     widths and its config can say so (`mark_plain`), else the remote-code form (`mark_pruned`)."""
     config = model.config
     layout = PrunedLayout.from_dict(getattr(config, LAYOUT_KEY), num_layers=config.num_hidden_layers)
-    if plain_form_refusal(config.model_type, layout) is None:
+    if plain_form_refusal(config, layout) is None:
         mark_plain(model)
     else:
         mark_pruned(model)

@@ -37,7 +37,7 @@ from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer
 from .sharding import has_sharded_parameters
 from .surgery import apply_masks_, lora_factors, mask_layer_, prune_layer_
-from .uniform import check_uniform_start, uniform_step
+from .uniform import check_uniform_start, expressible_units, uniform_step
 
 
 logger = logging.get_logger(__name__)
@@ -134,8 +134,9 @@ class AdaptivePruner:
         self.geometries = [self._geometry(lm) for lm in self.layers]
         self.sync = RankSync() if is_distributed() else None  # decisions agreed across ranks
         self._check_layout_matches_modules()
-        if config.layout == "uniform":
-            check_uniform_start(self.widths(), self.spec.model_type, config)
+        if config.layout == "uniform":  # head counts the stock config cannot express are never chosen
+            check_uniform_start(self.widths(), config)
+            self.uniform_units = expressible_units(model.config, self.widths()[0], self.head_dim, config)
 
     # --- bookkeeping --------------------------------------------------------------------------------------------
     def _restore_masks(self) -> None:
@@ -230,7 +231,7 @@ class AdaptivePruner:
             importance = normalize_importance(raw)
             if self.config.layout == "uniform":  # the same widths in every layer (hf_adapt_pruner.uniform)
                 result = uniform_step(self.geometries, self.widths(), scores, params, target_params, steps - step,
-                                      fixed, self.config)  # fmt: skip
+                                      fixed, self.config, self.uniform_units)  # fmt: skip
             else:
                 delta = (params - target_params) / prunable_base / (steps - step)
                 plans = layer_plans(self.geometries, self.widths(), scores, importance, self.config)

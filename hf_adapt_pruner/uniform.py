@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from transformers.utils import logging
 
 from .allocation import StepResult, model_params
 from .config import PrunerConfig
@@ -36,10 +37,11 @@ from .layout import LayerWidths
 from .plans import LayerGeometry, kv_group_scores, min_widths
 
 
-def check_uniform_start(current: Sequence[LayerWidths], model_type: str, config: PrunerConfig) -> None:
-    """Refuse what a uniform layout cannot continue from or express, before any weight changes."""
-    from .plain import HEADS_NOT_EXPRESSIBLE
+logger = logging.get_logger(__name__)
 
+
+def check_uniform_start(current: Sequence[LayerWidths], config: PrunerConfig) -> None:
+    """Refuse what a uniform layout cannot continue from, before any weight changes."""
     distinct = sorted({w.as_tuple() for w in current})
     if len(distinct) > 1:
         raise ValueError(
@@ -47,12 +49,26 @@ def check_uniform_start(current: Sequence[LayerWidths], model_type: str, config:
             f"((heads, kv heads, channels) {distinct[0]} ... {distinct[-1]}: it was pruned with layout='adaptive'). "
             "Start from the unpruned model, or continue with layout='adaptive'."
         )
-    if config.prune_attention and model_type in HEADS_NOT_EXPRESSIBLE:
-        raise ValueError(
-            f"layout='uniform' saves a stock {model_type!r} model, whose config cannot describe fewer attention heads "
-            f"({HEADS_NOT_EXPRESSIBLE[model_type]}). Pass prune_attention=False (only MLP channels are removed), or "
-            "use layout='adaptive' (saved with remote code)."
+
+
+def expressible_units(model_config, current: LayerWidths, head_dim: int, config: PrunerConfig) -> list[int]:
+    """The attention unit counts (at most the current) whose head counts the stock config accepts
+    (`plain.stock_config_refusal`); the others are never chosen, and a warning names them."""
+    from .plain import stock_config_refusal
+
+    units = _attention_units(current, config)
+    allowed, refused = [], []
+    for a in range(units, 0, -1):
+        widths = _widths(current, a, current.intermediate_size, config)
+        reason = stock_config_refusal(model_config, widths, head_dim)
+        (refused if reason else allowed).append((a, widths.num_attention_heads, reason))
+    if refused and config.prune_attention:
+        logger.warning(
+            f"layout='uniform': the stock {model_config.model_type!r} config does not accept "
+            f"{', '.join(str(heads) for _, heads, _ in refused)} query heads ({refused[0][2]}); attention keeps "
+            f"{', '.join(str(heads) for _, heads, _ in allowed)} heads per layer only."
         )
+    return [a for a, _, _ in allowed]
 
 
 def _attention_units(widths: LayerWidths, config: PrunerConfig) -> int:
@@ -117,9 +133,11 @@ def uniform_step(
     steps_left: int,
     fixed_params: int,
     config: PrunerConfig,
+    allowed_units: Sequence[int] | None = None,
 ) -> StepResult:
     """One inner step: the common widths (least estimated loss) whose count is at most this step's aim, a point
-    `1 / steps_left` of the way from `params` to `target_params`."""
+    `1 / steps_left` of the way from `params` to `target_params`. `allowed_units`: the attention unit counts that
+    may be chosen (default: all; `expressible_units`)."""
     aim = target_params if steps_left <= 1 else params - (params - target_params) // steps_left
     now = current[0]
     floor = min_widths(geometries[0], now, config)
@@ -131,12 +149,15 @@ def uniform_step(
     attention_loss, channel_loss = estimated_losses(scores, now, config)
     candidates = []  # (units, channels)
     for units in range(units_now, (units_floor if config.prune_attention else units_now) - 1, -1):
+        if allowed_units is not None and units != units_now and units not in allowed_units:
+            continue
         widths = _widths(now, units, now.intermediate_size, config)
         channels = _fitting_channels(geometries, widths, aim - fixed_params, channel_floor, config)
         if channels is not None:
             candidates.append((units, channels))
     if not candidates:  # the floors bind: the narrowest layer allowed (the target check reported reachability)
-        candidates = [(units_floor if config.prune_attention else units_now, channel_floor)]
+        narrowest = [u for u in range(units_floor, units_now + 1) if allowed_units is None or u in allowed_units]
+        candidates = [(narrowest[0] if config.prune_attention and narrowest else units_now, channel_floor)]
     units, channels = _choose(candidates, attention_loss, channel_loss, sparsity, base_units, units_now, geometries,
                               config)  # fmt: skip
     widths = [_widths(now, units, channels, config)] * len(current)

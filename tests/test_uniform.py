@@ -23,7 +23,7 @@ from hf_adapt_pruner import (
 from hf_adapt_pruner.cli import main
 from hf_adapt_pruner.importance import GroupScores
 from hf_adapt_pruner.layout import LayerWidths
-from hf_adapt_pruner.uniform import estimated_losses
+from hf_adapt_pruner.uniform import estimated_losses, uniform_step
 
 from test_serialization import logits
 from tiny_models import calibration_blocks, pruned_tiny_model, tiny_model
@@ -108,15 +108,23 @@ def test_what_uniform_cannot_do_is_refused_with_the_fix():
         PrunerConfig(target_ratio=0.5, layout="square")
 
 
-def test_unexpressible_heads_are_refused(monkeypatch):
-    monkeypatch.setitem(__import__("hf_adapt_pruner.plain").plain.HEADS_NOT_EXPRESSIBLE, "llama", "test reason")
-    with pytest.raises(ValueError, match=r"cannot describe fewer attention heads \(test reason\).*prune_attention"):
-        prune_model(tiny_model("llama"), PrunerConfig(target_ratio=0.7, **SETTINGS), calibration_blocks(),
-                    progress=False)  # fmt: skip
-    model = tiny_model("llama")
-    prune_model(model, PrunerConfig(target_ratio=0.8, prune_attention=False, **SETTINGS), calibration_blocks(),
-                progress=False)  # fmt: skip
-    assert widths(model) == {(6, 2, widths(model).pop()[2])}
+@pytest.mark.parametrize("model_type, allowed_heads", [("llama", [6, 4, 3, 2, 1]), ("mistral", [6, 5, 4, 3, 2, 1])])
+def test_only_head_counts_the_stock_config_accepts_are_chosen(model_type, allowed_heads, caplog):
+    """LlamaConfig requires hidden_size % num_attention_heads == 0 (hidden 48: not 5 heads); MistralConfig does not."""
+    model = tiny_model(model_type, gqa_ratio=1)  # 6 kv groups of one query head
+    config = PrunerConfig(target_ratio=0.5, allocation="proportional", **SETTINGS)
+    pruner = AdaptivePruner(model, config)
+    assert pruner.uniform_units == allowed_heads
+    assert ("does not accept 5 query heads" in caplog.text) == (model_type == "llama")
+    # at sparsity 0.2 the proportional rule wants round(0.8 * 6) = 5 heads
+    params, layers = pruner.num_parameters(), [g.params(w) for g, w in zip(pruner.geometries, pruner.widths())]
+    fixed = params - sum(layers)
+    aim = fixed + round(0.8 * sum(g.prunable_base(config) for g in pruner.geometries))
+    scores = [GroupScores(torch.rand(6), torch.rand(6), torch.rand(96)) for _ in range(3)]
+    step = uniform_step(pruner.geometries, pruner.widths(), scores, params, aim, 1, fixed, config,
+                        pruner.uniform_units)  # fmt: skip
+    assert step.widths[0].num_attention_heads == (4 if model_type == "llama" else 5)
+    assert step.num_parameters <= aim
 
 
 def test_mask_mode_saves_the_stock_architecture(tmp_path):

@@ -19,7 +19,8 @@ from hf_adapt_pruner import (
     save_pruned,
 )
 from hf_adapt_pruner.history import HISTORY_FILE
-from hf_adapt_pruner.plain import HEADS_NOT_EXPRESSIBLE
+from hf_adapt_pruner.layout import PrunedLayout
+from hf_adapt_pruner.plain import plain_form_refusal
 from hf_adapt_pruner.remote_code import mark_pruned
 
 from test_serialization import load_in_fresh_process, logits
@@ -39,7 +40,7 @@ def test_uniform_model_loads_as_its_stock_architecture_in_a_fresh_process(model_
     layout = model.config.pruned_layout
     keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
     heads, kv, channels = (layout[key][0] for key in keys)
-    assert heads < 6 or model_type in HEADS_NOT_EXPRESSIBLE  # fewer heads than the original, not only channels
+    assert heads < 6  # fewer heads than the original, not only channels
     expected = logits(model)
     folder = save_pruned(model, tmp_path / "m", tiny_tokenizer(), pruner_config=PrunerConfig(target_ratio=0.45))
     assert not list(folder.glob("*.py"))  # no configuration_/modeling_ files
@@ -109,3 +110,17 @@ def test_export_gguf_works_for_both_layouts(layout, tmp_path):
     written = fields["deci.attention.head_count"].contents()
     assert written == (heads[0] if layout == "uniform" else heads)
     assert (len(set(heads)) == 1) == (layout == "uniform")
+
+
+def test_equal_widths_the_stock_config_refuses_keep_the_remote_code_form():
+    """LlamaConfig validates hidden_size % num_attention_heads: 5 heads of a 48-wide model stay remote code."""
+    for model_type, refused in (("llama", True), ("mistral", False)):
+        config = tiny_model(model_type, gqa_ratio=1, layers=2).config
+        layout = PrunedLayout(head_dim=8, num_attention_heads=[5, 5], num_key_value_heads=[5, 5],
+                              intermediate_size=[40, 40], base={"num_attention_heads": 6})  # fmt: skip
+        reason = plain_form_refusal(config, layout)
+        assert (reason is not None) == refused
+        if refused:
+            assert "not a multiple of the number of attention heads (5)" in reason
+    layout.intermediate_size = [40, 48]
+    assert plain_form_refusal(config, layout) == "its layers have different widths"
