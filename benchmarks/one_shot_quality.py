@@ -17,6 +17,11 @@ the held-out tokens; make_docs renders it beside the sweep):
         --modes adaptive "attention not pruned" --out benchmarks/results/one_shot_pairs.json
 
 and the same with `--ratios 0.9 0.6 --seeds 4 5 6 7 --out ...`, whose rows were added to that file.
+
+What the servable layout costs (`layout="uniform"`, saved as the stock architecture; docs/guides/serving-layouts.md):
+
+    python benchmarks/one_shot_quality.py --ratios 0.7 --seeds 0 1 --modes adaptive "uniform layout" \
+        --out benchmarks/results/uniform_layout.json
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ MODES = {  # name: PrunerConfig overrides
     "uniform A=0": {"amplitude": 0.0, **FLOAT32},
     "attention not pruned": {"prune_attention": False, **FLOAT32},
     "adaptive, bfloat16 scoring": {"calibration_autocast": "bfloat16"},  # the default where bfloat16 is fast
+    "uniform layout": {"layout": "uniform", **FLOAT32},  # equal widths in every layer: the stock architecture
 }
 
 

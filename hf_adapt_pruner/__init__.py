@@ -7,6 +7,7 @@ from .config import PrunerConfig
 from .data import CalibrationPool, token_blocks
 from .distillation import DistillationConfig
 from .gguf_export import export_gguf
+from .history import pruning_history
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
 from .plans import LayerGeometry
 from .pruner import AdaptivePruner, count_parameters, current_layout, materialize_masks, prune_model
@@ -41,6 +42,7 @@ __all__ = [
     "load_pruned",
     "materialize_masks",
     "prune_model",
+    "pruning_history",
     "push_pruned_to_hub",
     "register_architecture",
     "save_pruned",

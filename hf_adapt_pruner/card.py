@@ -17,8 +17,9 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import PrunerConfig
-from .layout import LAYOUT_KEY, PrunedLayout
-from .pruner import count_parameters
+from .layout import PrunedLayout
+from .plain import is_plain
+from .pruner import count_parameters, current_layout
 from .remote_code import base_model_type
 
 
@@ -106,7 +107,8 @@ def model_card(
 ) -> ModelCard:
     """The card of a pruned model; `picture` is the file name of its PNG next to the card (None: no picture)."""
     config = model.config
-    layout = PrunedLayout.from_dict(getattr(config, LAYOUT_KEY), num_layers=config.num_hidden_layers)
+    layout = current_layout(model)  # with its history (the importances come from there)
+    plain = is_plain(config)
     if base_model is None:
         name = str(getattr(config, "_name_or_path", "") or "")
         base_model = name if name.count("/") == 1 and not os.path.exists(name) else None
@@ -114,7 +116,7 @@ def model_card(
         base_model=base_model,
         library_name="transformers",
         license=license,
-        tags=["pruned", "adapt-pruner", "hf_adapt_pruner", "custom_code"],
+        tags=["pruned", "adapt-pruner", "hf_adapt_pruner"] + ([] if plain else ["custom_code"]),
         pipeline_tag="text-generation",
     )
     importance = last_layer_importance(layout)
@@ -131,6 +133,7 @@ def model_card(
         layers=_layer_rows(layout, importance),
         has_importance=importance is not None,
         picture=picture,
+        plain=plain,
         head_dim=layout.head_dim,
         base_heads=layout.base.get("num_attention_heads"),
         base_kv_heads=layout.base.get("num_key_value_heads"),

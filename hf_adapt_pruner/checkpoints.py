@@ -5,6 +5,9 @@ do (`refuse_mismatched_checkpoints`). A LoRA run's checkpoints carry more than t
 `PeftModel` as its adapter only; the pruned base weights the adapter belongs to are written beside it, in
 `checkpoint-N/pruned_base/`, so that the run can resume: `PeftModel.from_pretrained(load_pruned(ckpt / "pruned_base"),
 ckpt, is_trainable=True)`, then `trainer.train(resume_from_checkpoint=ckpt)`.
+
+The Trainer writes a checkpoint's `config.json` itself, which carries the per-layer widths; the history of kept
+indices goes to `pruning_history.json` beside it (`hf_adapt_pruner.history`), written here.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from transformers.utils import logging
 
 from .architectures import base_without_adapters, unwrap_peft
 from .config import PrunerConfig
+from .history import write_history
 from .serialization import save_pruned
 from .sharding import has_sharded_parameters
 
@@ -29,7 +33,8 @@ TRAINER_STATE_NAME = "trainer_state.json"  # as transformers.trainer names it (i
 
 
 class PrunedBaseWriter:
-    """Writes the pruned base into each checkpoint of a LoRA run, once: the callback forwards two Trainer events."""
+    """Writes `pruning_history.json` into each checkpoint, and the pruned base into each checkpoint of a LoRA run,
+    once: the callback forwards two Trainer events."""
 
     def __init__(self, config: PrunerConfig):
         self.config = config
@@ -37,10 +42,14 @@ class PrunedBaseWriter:
 
     def on_push_begin(self, args, state, model) -> None:
         """With `hub_strategy` "checkpoint" or "all_checkpoints" the Trainer uploads each checkpoint (on rank 0 only)
-        before `on_save`: write the pruned base into it now, so that the pushed checkpoint can resume too."""
-        if not _is_lora_run(model) or args.hub_strategy not in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+        before `on_save`: write the pruned base (or the history) into it now, so that the pushed checkpoint can
+        resume too."""
+        if args.hub_strategy not in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
             return
         checkpoint = _checkpoint_folder(args, state)
+        if not _is_lora_run(model):
+            _write_history(checkpoint, model)
+            return
         if not checkpoint.is_dir():  # `trainer.push_to_hub()` after training pushes no checkpoint
             if state.is_hyper_param_search:
                 logger.warning_once(f"This search trial's checkpoint folder was not found (no trainer_state.json "
@@ -56,9 +65,13 @@ class PrunedBaseWriter:
 
     def on_save(self, args, state, model) -> None:
         pushed, self._pushed_step = self._pushed_step, None  # cleared at each save: a later run saves afresh
-        if not _is_lora_run(model) or pushed == state.global_step:
-            return
         checkpoint = _checkpoint_folder(args, state)
+        if not _is_lora_run(model):
+            if state.is_world_process_zero:
+                _write_history(checkpoint, model)
+            return
+        if pushed == state.global_step:
+            return
         if state.is_world_process_zero and not checkpoint.is_dir():  # every rank goes on (FSDP2 gathers)
             logger.warning(f"No checkpoint folder {checkpoint} (a hyper-parameter search trial's was not found): the "
                            "pruned base goes there; move it beside the adapter's checkpoint to resume.")  # fmt: skip
@@ -67,6 +80,12 @@ class PrunedBaseWriter:
     def _write(self, checkpoint: Path, model) -> None:
         save_pruned(base_without_adapters(model), checkpoint / PRUNED_BASE_DIR, overwrite=True,
                     pruner_config=self.config)  # fmt: skip
+
+
+def _write_history(checkpoint: Path, model) -> None:
+    """`pruning_history.json` beside the checkpoint's config.json (the Trainer wrote the weights and the config)."""
+    if model is not None and checkpoint.is_dir() and (checkpoint / "config.json").is_file():
+        write_history(model, checkpoint)
 
 
 def refuse_mismatched_checkpoints(model: nn.Module) -> None:

@@ -20,6 +20,7 @@ GROUP_IMPORTANCE_METRICS = ("taylor", "magnitude", "random")
 ATTENTION_UNITS = ("kv_group", "query_head")
 ALLOCATIONS = ("score", "proportional")
 MODES = ("auto", "physical", "mask")
+LAYOUTS = ("adaptive", "uniform")
 DATA_SPLITS = ("linear", "constant", "cosine")
 IMPORTANCE_SOURCES = ("training", "calibration")
 CALIBRATION_AUTOCASTS = ("auto", "bfloat16", "off")
@@ -74,6 +75,10 @@ class PrunerConfig:
             (`hf_adapt_pruner.reconstruction`); `none` leaves the surviving weights unchanged.
         reconstruction_damping (`float`, defaults to `0.01`): ridge damping of that refit, relative to the mean
             diagonal of the inputs' Gram matrix.
+        layout (`str`, defaults to `"adaptive"`): `adaptive` gives each layer its own widths (the paper); `uniform`
+            keeps the same number of query heads, kv heads and MLP channels in every layer, picked from the scores
+            summed over layers (`hf_adapt_pruner.uniform`), so `save_pruned` writes the stock architecture's config
+            and the model loads without remote code. `amplitude` is then unused.
 
     The per-layer schedule, as a worked example. Pruning a 30-layer model from 134.5 M to 94.2 M parameters
     (`target_ratio=0.7`) with `inner_steps=10`: 106.2 M of the parameters sit in decoder layers (prunable), so
@@ -216,6 +221,14 @@ class PrunerConfig:
         default=0.01,
         metadata={"help": "Ridge damping of the least-squares refit, relative to the mean input energy (0: none)."},
     )
+    layout: str = field(
+        default="adaptive",
+        metadata={
+            "help": "adaptive (each layer its own widths, Adapt-Pruner; loads with remote code or this package) or "
+            "uniform (every layer the same heads, kv heads and channels, chosen from the scores summed over layers; "
+            "saved as the stock architecture, which every engine serves without remote code)."
+        },
+    )
     library_version: str = field(default=__version__, metadata={"help": "hf_adapt_pruner version that wrote this."})
 
     def __post_init__(self) -> None:
@@ -229,6 +242,10 @@ class PrunerConfig:
         _check_choice("mode", self.mode, MODES)
         _check_choice("calibration_autocast", self.calibration_autocast, CALIBRATION_AUTOCASTS)
         _check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        _check_choice("layout", self.layout, LAYOUTS)
+        if self.layout == "uniform" and self.amplitude != 0.02:
+            logger.warning(f"amplitude={self.amplitude!r} is ignored with layout='uniform': every layer keeps the "
+                           "same widths, whatever its importance.")  # fmt: skip
         _check_types(self)
         if not 0.0 <= self.amplitude <= 1.0:
             raise ValueError(

@@ -1,4 +1,5 @@
-"""`PrunedLayout`: the per-layer widths of a pruned model, as plain JSON data stored in `config.json`."""
+"""`PrunedLayout`: the per-layer widths of a pruned model, as plain JSON data stored in `config.json` (its history of
+kept indices in `pruning_history.json` beside it: `hf_adapt_pruner.history`)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class LayerWidths:
 class PrunedLayout:
     """Per-layer widths of a pruned decoder, plus what is needed to continue or replay the pruning.
 
-    Stored in `config.json` under the key `"pruned_layout"`:
+    Stored in `config.json` under the key `"pruned_layout"`, all but `history`, which is written to
+    `pruning_history.json` beside it (models saved by earlier versions kept it in `config.json`; they still load):
 
     ```json
     {"format_version": 1, "head_dim": 64,
@@ -67,8 +69,10 @@ class PrunedLayout:
         self.num_key_value_heads[index] = widths.num_key_value_heads
         self.intermediate_size[index] = widths.intermediate_size
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, history: bool = True) -> dict[str, Any]:
+        """The JSON object; `history=False` leaves the history out (`config.json` holds the rest, the history has its
+        own file: `hf_adapt_pruner.history`)."""
+        data = {
             "format_version": LAYOUT_FORMAT_VERSION,
             "head_dim": self.head_dim,
             "num_attention_heads": list(self.num_attention_heads),
@@ -76,8 +80,10 @@ class PrunedLayout:
             "intermediate_size": list(self.intermediate_size),
             "base": dict(self.base),
             "sparsity": [float(s) for s in self.sparsity],
-            "history": copy.deepcopy(self.history),
         }
+        if history:
+            data["history"] = copy.deepcopy(self.history)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, num_layers: int | None = None) -> PrunedLayout:

@@ -26,16 +26,19 @@ from .checks import check_model, check_optimizer, check_target_below, vocabulary
 from .config import PrunerConfig
 from .data import CalibrationData
 from .distributed import RankSync, is_distributed
+from .history import adopt_history, pruning_history
 from .importance import GroupScores
 from .layout import LAYOUT_KEY, MASK_KEY, LayerWidths, PrunedLayout
 from .modeling.modeling_adapt_pruner import pruned_parameters
+from .plain import mark_saved_form
 from .plans import LayerGeometry, layer_plans
 from .reconstruction import GramStatistics, refit_layer_
-from .remote_code import base_model_type, mark_pruned
+from .remote_code import base_model_type
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer
 from .sharding import has_sharded_parameters
 from .surgery import apply_masks_, lora_factors, mask_layer_, prune_layer_
+from .uniform import check_uniform_start, expressible_units, uniform_step
 
 
 logger = logging.get_logger(__name__)
@@ -73,13 +76,16 @@ def unit_costs(lm: LayerModules, head_dim: int) -> dict[str, int]:
 
 
 def current_layout(model: nn.Module) -> PrunedLayout:
-    """The model's layout: read from its config after a prune event, else built from its uniform config."""
+    """The model's layout: read from its config (and its history: `pruning_history`) after a prune event, else
+    built from its uniform config."""
     model = unwrap_peft(model)
     config = model.config
     for key in (LAYOUT_KEY, MASK_KEY):
         stored = getattr(config, key, None)
         if stored is not None:
-            return PrunedLayout.from_dict(stored, num_layers=config.num_hidden_layers)
+            layout = PrunedLayout.from_dict(stored, num_layers=config.num_hidden_layers)
+            layout.history = copy.deepcopy(pruning_history(model))
+            return layout
     spec = get_architecture(base_model_type(config.model_type))
     layers = layer_modules(model, spec)
     head_dim = int(getattr(layers[0].attention, "head_dim", None) or config.head_dim)
@@ -131,6 +137,9 @@ class AdaptivePruner:
         self.geometries = [self._geometry(lm) for lm in self.layers]
         self.sync = RankSync() if is_distributed() else None  # decisions agreed across ranks
         self._check_layout_matches_modules()
+        if config.layout == "uniform":  # head counts the stock config cannot express are never chosen
+            check_uniform_start(self.widths(), config)
+            self.uniform_units = expressible_units(model.config, self.widths()[0], self.head_dim, config)
 
     # --- bookkeeping --------------------------------------------------------------------------------------------
     def _restore_masks(self) -> None:
@@ -227,10 +236,14 @@ class AdaptivePruner:
             if grams is not None:
                 grams.settle(self.sync)  # every rank refits from the same statistics
             importance = normalize_importance(raw)
-            delta = (params - target_params) / prunable_base / (steps - step)
-            plans = layer_plans(self.geometries, self.widths(), scores, importance, self.config)
-            result = allocation_step(plans, self.sparsity, importance, delta, target_params, fixed, self.config,
-                                     final=step == steps - 1)  # fmt: skip
+            if self.config.layout == "uniform":  # the same widths in every layer (hf_adapt_pruner.uniform)
+                result = uniform_step(self.geometries, self.widths(), scores, params, target_params, steps - step,
+                                      fixed, self.config, self.uniform_units)  # fmt: skip
+            else:
+                delta = (params - target_params) / prunable_base / (steps - step)
+                plans = layer_plans(self.geometries, self.widths(), scores, importance, self.config)
+                result = allocation_step(plans, self.sparsity, importance, delta, target_params, fixed, self.config,
+                                         final=step == steps - 1)  # fmt: skip
             kept_units = {
                 i: self._select(new, scores[i])
                 for i, (old, new) in enumerate(zip(self.widths(), result.widths))
@@ -295,12 +308,13 @@ class AdaptivePruner:
             self.layout.history.append({"num_parameters": params, "layer_importance": importance, "layers": changed})
         self.layout.sparsity = self.sparsity.tolist()
         self.model.config.head_dim = self.head_dim
+        adopt_history(self.model, self.layout.history)  # the history goes to its own file, not to config.json
         if self.mode == "mask":  # shapes unchanged: a stock checkpoint that carries its masks
             live = [[index.tolist() for index in lm.live or lm.all_units(self.head_dim)] for lm in self.layers]
-            setattr(self.model.config, MASK_KEY, {**self.layout.to_dict(), "live": live})
+            setattr(self.model.config, MASK_KEY, {**self.layout.to_dict(history=False), "live": live})
             return
-        setattr(self.model.config, LAYOUT_KEY, self.layout.to_dict())
-        mark_pruned(self.model)
+        setattr(self.model.config, LAYOUT_KEY, self.layout.to_dict(history=False))
+        mark_saved_form(self.model)
 
     def _report(
         self,
@@ -354,6 +368,7 @@ def materialize_masks(model: nn.Module) -> nn.Module:
 
 def materialize_masks_(sliced: nn.Module) -> nn.Module:
     """`materialize_masks` in place (for a model that is already a copy)."""
+    adopt_history(sliced)  # an old-form config holds it
     stored = getattr(sliced.config, MASK_KEY)
     spec = get_architecture(base_model_type(sliced.config.model_type))
     layout = PrunedLayout.from_dict(stored, num_layers=sliced.config.num_hidden_layers)
@@ -361,8 +376,8 @@ def materialize_masks_(sliced: nn.Module) -> nn.Module:
         prune_layer_(lm, layout.head_dim, *(torch.tensor(index, dtype=torch.long) for index in live))
     delattr(sliced.config, MASK_KEY)
     sliced.config.head_dim = layout.head_dim
-    setattr(sliced.config, LAYOUT_KEY, layout.to_dict())
-    mark_pruned(sliced)
+    setattr(sliced.config, LAYOUT_KEY, layout.to_dict(history=False))
+    mark_saved_form(sliced)
     return sliced
 
 

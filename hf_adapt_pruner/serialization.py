@@ -32,10 +32,12 @@ from .architectures import get_architecture, is_lora_layer
 from .card import PICTURE_FILE, model_card, pruning_picture
 from .checks import check_model, check_repo_id, check_save_arguments, resolve_device
 from .config import PrunerConfig
+from .history import HISTORY_FILE, adopt_history, read_history, write_history
 from .layout import LAYOUT_KEY, MASK_KEY, PrunedLayout
 from .modeling.modeling_adapt_pruner import block_sizes
-from .pruner import materialize_masks, materialize_masks_
-from .remote_code import base_model_type, clear_dequantized_gguf_marker, mark_pruned, pruned_classes
+from .plain import mark_saved_form
+from .pruner import current_layout, materialize_masks, materialize_masks_
+from .remote_code import base_model_type, clear_dequantized_gguf_marker, pruned_classes
 from .sharding import gather_model, has_sharded_parameters
 
 
@@ -60,10 +62,16 @@ def save_pruned(
     """Save a pruned model as an ordinary Hugging Face checkpoint that loads anywhere.
 
     Writes safetensors weights, `config.json` (the base architecture's fields, `pruned_layout`, our `model_type` and
-    `auto_map`), `configuration_adapt_pruner.py` and `modeling_adapt_pruner.py`, the generation config, the tokenizer
-    files, `pruner_config.json` and a model card `README.md` showing `pruning.png` (per-layer widths and layer
-    importance; written when matplotlib is installed). An unpruned model gets a plain save; a mask-mode model is
-    saved sliced to its unmasked units.
+    `auto_map`), `configuration_adapt_pruner.py` and `modeling_adapt_pruner.py`, `pruning_history.json` (every prune
+    event's kept indices), the generation config, the tokenizer files, `pruner_config.json` and a model card
+    `README.md` showing `pruning.png` (per-layer widths and layer importance; written when matplotlib is installed).
+    An unpruned model gets a plain save; a mask-mode model is saved sliced to its unmasked units.
+
+    A model whose layers all have the same widths (`PrunerConfig(layout="uniform")`, or an adaptive run that ended
+    that way) is saved as its stock architecture instead: `config.json` is the base `model_type`'s config with the
+    new `num_attention_heads`, `num_key_value_heads`, `intermediate_size` and `head_dim` (plus `pruned_layout`, which
+    stock code ignores), with no `auto_map` and no code files; `AutoModelForCausalLM.from_pretrained(folder)` loads it
+    without remote code.
 
     Everything is written into a temporary folder beside `save_directory` and moved into place at the end, so a
     failure never leaves a half-written model; an existing `save_directory` is replaced only with `overwrite=True`.
@@ -104,7 +112,8 @@ def save_pruned(
     clear_dequantized_gguf_marker(model)
     pruned = getattr(model.config, LAYOUT_KEY, None) is not None
     if pruned:
-        mark_pruned(model)
+        adopt_history(model)  # an old-form config holds it: config.json is written without it
+        mark_saved_form(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
@@ -113,6 +122,7 @@ def save_pruned(
         if pruner_config is not None:
             pruner_config.save_pretrained(tmp)
         if pruned:
+            write_history(model, tmp)
             _write_card(model, tmp, pruner_config, eval_results, base_model, license, repo_id or target.name)
             check_weights_match_layout(tmp)
         _move_into_place(tmp, target)
@@ -133,7 +143,7 @@ def _write_card(
     repo_id: str,
 ) -> None:
     """README.md, and the picture it shows (`pruning.png`) when matplotlib is installed."""
-    layout = PrunedLayout.from_dict(getattr(model.config, LAYOUT_KEY), num_layers=model.config.num_hidden_layers)
+    layout = current_layout(model)  # with its history, whose importances the picture shows
     picture = pruning_picture(layout)
     if picture is not None:
         (folder / PICTURE_FILE).write_bytes(picture)
@@ -211,7 +221,9 @@ def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any)
     """Load a pruned checkpoint (folder or Hub id) with the package's own classes: no code from the checkpoint runs.
 
     Keyword arguments go to `from_pretrained` (`revision`, `token`, `dtype`, `device_map`, ...). A checkpoint
-    without a layout loads as its stock architecture.
+    without a layout, or one saved in its stock-architecture form (equal widths in every layer), loads as its stock
+    architecture. The pruning history is read from `pruning_history.json` when the checkpoint has one (or from
+    `config.json`, where earlier versions kept it).
     """
     if kwargs.pop("trust_remote_code", False):
         raise ValueError("load_pruned never runs remote code; drop trust_remote_code (or use AutoModelForCausalLM).")
@@ -232,8 +244,26 @@ def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any)
     PrunedLayout.from_dict(config[LAYOUT_KEY], num_layers=config.get("num_hidden_layers"))
     if path.is_dir():
         check_weights_match_layout(path)
-    _, model_cls = pruned_classes(base_model_type(config["model_type"]))
-    return model_cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        history = read_history(path, config[LAYOUT_KEY])
+    else:
+        history = _hub_history(str(pretrained_model_name_or_path), kwargs, config[LAYOUT_KEY])
+    base = base_model_type(config["model_type"])
+    if base == config["model_type"]:  # the stock-architecture form
+        model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    else:
+        _, model_cls = pruned_classes(base)
+        model = model_cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    adopt_history(model, history if history is not None else config[LAYOUT_KEY].get("history", []))
+    return model
+
+
+def _hub_history(repo_id: str, kwargs: dict[str, Any], layout: dict[str, Any]) -> list | None:
+    """The history file of a Hub repo, if it has one."""
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+    try:
+        return read_history(Path(hf_hub_download(repo_id, HISTORY_FILE, **hub_kwargs)).parent, layout)
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
 
 
 def _refuse_missing_local_path(name_or_path: str | os.PathLike) -> None:

@@ -73,4 +73,7 @@ def gather_model(model: nn.Module) -> nn.Module | None:
     plain.tie_weights()
     if getattr(model, "generation_config", None) is not None:
         plain.generation_config = copy.deepcopy(model.generation_config)
+    for name, value in model.__dict__.items():  # what the package keeps on the model (the pruning history)
+        if name.startswith("_hf_adapt_pruner_"):
+            plain.__dict__[name] = copy.deepcopy(value)
     return plain.eval()

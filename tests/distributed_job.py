@@ -1,13 +1,13 @@
 """A 2-process Trainer run with AdaptPrunerCallback, launched by tests/test_distributed.py through torchrun (gloo).
 
-    torchrun --nproc_per_node 2 tests/distributed_job.py OUTPUT {resume,mask,disagree,unattached,distill}
+    torchrun --nproc_per_node 2 tests/distributed_job.py OUTPUT {resume,mask,disagree,unattached,distill,uniform}
 
 Writes OUTPUT/result.json on rank 0: whether parameters and optimizer state were bit-identical across ranks after
 every prune event and at the end, the layouts, parameter counts, stage targets and losses; saves the final model with
 `save_pruned` (called on every rank, written by rank 0) and its logits on a fixed prompt. `distill` trains with a
 teacher on every rank (a frozen copy of the unpruned model), then resumes from the mid checkpoint with the original
 model passed as teacher. `unattached` is the unchanged user script: the callback is passed in `callbacks=[...]` and
-`callback.attach(trainer)` is never called.
+`callback.attach(trainer)` is never called. `uniform` distils with `PrunerConfig(layout="uniform")`.
 """
 
 from __future__ import annotations
@@ -122,8 +122,9 @@ def train(model, output: Path, mode: str, resume: str | None = None, teacher=Non
     )  # fmt: skip
     data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=64, seq_len=16)]
     config = PrunerConfig(target_ratio=0.7, num_stages=2, importance_window=2, recovery_fraction=0.25, round_to=1,
-                          amplitude=0.1, mode="mask" if mode == "mask" else "auto")  # fmt: skip
-    distillation = DistillationConfig(alpha=0.5, temperature=2.0) if mode == "distill" else None
+                          amplitude=0.02 if mode == "uniform" else 0.1, mode="mask" if mode == "mask" else "auto",
+                          layout="uniform" if mode == "uniform" else "adaptive")  # fmt: skip
+    distillation = DistillationConfig(alpha=0.5, temperature=2.0) if mode in ("distill", "uniform") else None
     callback = AdaptPrunerCallback(config, distillation=distillation, teacher=teacher)
     recorder = Recorder(callback)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, recorder])

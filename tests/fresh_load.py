@@ -1,10 +1,11 @@
 """Run in a fresh process where hf_adapt_pruner cannot be imported: load a pruned folder the way a user without the
 package would, and print JSON with what was checked.
 
-usage: python fresh_load.py MODEL_DIR_OR_REPO [MODEL_DIR_OR_REPO ...] INPUT_IDS_JSON
+usage: python fresh_load.py MODEL_DIR_OR_REPO [MODEL_DIR_OR_REPO ...] INPUT_IDS_JSON [plain]
 
 One source prints one JSON object; several print a JSON list, one object per source in order (one process start and
-one import of torch and transformers for all of them).
+one import of torch and transformers for all of them). With `plain`, nothing is loaded with `trust_remote_code=True`
+(models saved as their stock architecture).
 """
 
 import importlib.abc
@@ -24,18 +25,20 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline  # noqa: E402
 
 
-*sources, input_ids = sys.argv[1:]
+arguments = sys.argv[1:]
+trust = arguments[-1] != "plain"
+*sources, input_ids = arguments if trust else arguments[:-1]
 input_ids = torch.tensor(json.loads(input_ids))
 
 
 def check(source: str) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust, attn_implementation="eager")
     with torch.no_grad():
         logits = model(input_ids).logits
     attention_mask = torch.ones_like(input_ids)
     generated = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False)
     tokenizer = AutoTokenizer.from_pretrained(source)  # no flag: the y/N trust question finds no terminal, is declined
-    generator = pipeline("text-generation", model=source, trust_remote_code=True)
+    generator = pipeline("text-generation", model=source, trust_remote_code=trust)
     text = generator("w5 w6 w7", max_new_tokens=3, do_sample=False)[0]["generated_text"]
     return {
         "class": type(model).__module__ + "." + type(model).__name__,

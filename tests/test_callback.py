@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from hf_adapt_pruner import AdaptPrunerCallback, PrunerConfig, count_parameters, load_pruned
+from hf_adapt_pruner import AdaptPrunerCallback, PrunerConfig, count_parameters, load_pruned, pruning_history
 from hf_adapt_pruner.importance import LayerSimilarityCollector
 from hf_adapt_pruner.report import record_event
 from hf_adapt_pruner.schedule import build_schedule
@@ -80,7 +80,7 @@ def test_events_fire_on_schedule_and_hit_stage_targets(tmp_path, source):
     assert count_parameters(model) == callback.reports[-1].params_after
     layout = model.config.pruned_layout
     assert all(h % kv == 0 for h, kv in zip(layout["num_attention_heads"], layout["num_key_value_heads"]))
-    assert len(layout["history"]) == 3
+    assert len(pruning_history(model)) == 3 and "history" not in layout  # the history is not in config.json
 
 
 def test_pruned_layers_keep_training_and_optimizer_state_matches(tmp_path):

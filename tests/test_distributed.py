@@ -75,6 +75,11 @@ def distill_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def uniform_run(tmp_path_factory):
+    return run_job(tmp_path_factory, "uniform")  # layout="uniform", distilling from a teacher per rank
+
+
+@pytest.fixture(scope="module")
 def mask_run(tmp_path_factory):
     return run_job(tmp_path_factory, "mask")
 
@@ -195,3 +200,18 @@ def test_clear_errors_stop_every_rank(mode, message, job, tmp_path):
     assert job.returncode != 0
     assert message in job.stderr
     assert not (tmp_path / "result.json").exists()
+
+
+def test_uniform_layout_under_ddp_with_distillation_saves_the_stock_architecture(uniform_run):
+    output, result = uniform_run
+    assert all(c["identical"] and c["teacher"]["identical"] for c in result["checks"]) and result["final_identical"]
+    for check, target in zip(result["checks"], result["targets"]):
+        assert abs(check["params"] - target) <= 0.01 * target
+    layout = result["layout"]
+    keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    assert len(set(zip(*(layout[key] for key in keys)))) == 1  # every layer the same widths
+    for folder in (output / "run" / "checkpoint-12", output / "final"):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["model_type"] == "llama" and "auto_map" not in config
+    loaded = load_in_fresh_process(output / "final", plain=True)  # no remote code
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), torch.load(output / "logits.pt"), atol=1e-5, rtol=0)

@@ -8,7 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_adapt_pruner import AdaptivePruner, PrunerConfig, StaticScorer, count_parameters, prune_model
+from hf_adapt_pruner import (
+    AdaptivePruner,
+    PrunerConfig,
+    StaticScorer,
+    count_parameters,
+    prune_model,
+    pruning_history,
+)
 from hf_adapt_pruner.architectures import get_architecture, layer_modules
 from hf_adapt_pruner.importance import GroupScores, group_scores
 from hf_adapt_pruner.remote_code import base_model_type
@@ -220,7 +227,7 @@ def test_second_event_continues_from_saved_state(tiny_llama):
     base = tiny_llama.config.pruned_layout["base"]["num_parameters"]
     report = prune_model(tiny_llama, config, calibration_blocks(), progress=False)
     assert abs(report.params_after - round(0.6 * base)) / (0.6 * base) <= 0.005  # ratio of the ORIGINAL model
-    assert len(tiny_llama.config.pruned_layout["history"]) == 2
+    assert len(pruning_history(tiny_llama)) == 2
 
 
 def test_group_scores_add_and_select():

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from hf_adapt_pruner import push_pruned_to_hub, save_pruned
+from hf_adapt_pruner import pruning_history, push_pruned_to_hub, save_pruned
 from hf_adapt_pruner.card import PICTURE_FILE
 
 from tiny_models import pruned_tiny_model, tiny_tokenizer
@@ -41,7 +41,7 @@ def test_picture_is_saved_next_to_the_weights_and_linked(pruned, tmp_path):
     assert width > 300 and height > 200 and len(data) > 5000
     card = (folder / "README.md").read_text()
     assert "](pruning.png)" in card and "layer importance" in card
-    importance = json.loads((folder / "config.json").read_text())["pruned_layout"]["history"][-1]["layer_importance"]
+    importance = json.loads((folder / "pruning_history.json").read_text())["history"][-1]["layer_importance"]
     assert len(importance) == 3 and max(abs(v) for v in importance) == 1.0  # centred and scaled
     assert "| layer | query heads | key/value heads | MLP channels | importance |" in card
     assert f"| 0 | 6 | 2 | {pruned.config.pruned_layout['intermediate_size'][0]} | {importance[0]:+.3f} |" in card
@@ -64,7 +64,7 @@ def test_without_matplotlib_the_card_has_its_tables_and_no_picture(pruned, tmp_p
 @needs_matplotlib
 def test_a_layout_without_importances_gets_a_widths_picture_and_table(tmp_path):
     model = pruned_tiny_model("qwen2")
-    for event in model.config.pruned_layout["history"]:  # as saved before importances were recorded
+    for event in pruning_history(model):  # as saved before importances were recorded
         del event["layer_importance"]
     folder = save_pruned(model, tmp_path / "m")
     png_size((folder / PICTURE_FILE).read_bytes())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from hf_adapt_pruner import PrunerConfig, count_parameters, load_pruned, prune_model, save_pruned
+from hf_adapt_pruner import PrunerConfig, count_parameters, load_pruned, prune_model, pruning_history, save_pruned
 from hf_adapt_pruner.architectures import get_architecture, layer_modules
 from hf_adapt_pruner.remote_code import base_model_type
 from hf_adapt_pruner.surgery import prune_layer_
@@ -41,10 +41,10 @@ def lora_model(model_type: str) -> PeftModel:
     return model.eval()
 
 
-def replay(model, layout: dict) -> None:
-    """Prune `model` (a plain transformers model) with the kept indices recorded in `layout`'s history."""
+def replay(model, layout: dict, history: list) -> None:
+    """Prune `model` (a plain transformers model) with the kept indices recorded in `history`."""
     layers = layer_modules(model, get_architecture(base_model_type(model.config.model_type)))
-    for event in layout["history"]:
+    for event in history:
         for index, kept in event["layers"].items():
             keep = (torch.tensor(kept[k]) for k in ("q_heads", "kv_heads", "channels"))
             prune_layer_(layers[int(index)], layout["head_dim"], *keep)
@@ -55,7 +55,7 @@ def test_merge_after_pruning_equals_pruning_the_merged_model(model_type):
     peft_model = lora_model(model_type)
     reference = copy.deepcopy(peft_model)
     prune_model(peft_model, CONFIG, calibration_blocks(), progress=False)
-    layout = peft_model.config.pruned_layout
+    layout, history = peft_model.config.pruned_layout, pruning_history(peft_model)
     for lm in layer_modules(peft_model, get_architecture(model_type)):
         for pruned in (p for p in lm.pruned if p.adapter is not None):  # OLMo 2's norms carry no adapter
             a, b = pruned.adapter.lora_A["default"], pruned.adapter.lora_B["default"]
@@ -65,7 +65,7 @@ def test_merge_after_pruning_equals_pruning_the_merged_model(model_type):
     torch.testing.assert_close(logits(merged), pruned_logits, atol=1e-5, rtol=0)
 
     merged_first = reference.merge_and_unload()
-    replay(merged_first, layout)
+    replay(merged_first, layout, history)
     torch.testing.assert_close(logits(merged), logits(merged_first), atol=1e-5, rtol=0)
     assert count_parameters(merged) == count_parameters(merged_first)
 

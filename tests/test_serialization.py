@@ -27,11 +27,11 @@ def logits(model, input_ids=INPUT):
         return model(input_ids).logits
 
 
-def load_in_fresh_process(*sources: str | Path, env: dict | None = None) -> dict | list[dict]:
+def load_in_fresh_process(*sources: str | Path, env: dict | None = None, plain: bool = False) -> dict | list[dict]:
     """Load each source in one new Python process where hf_adapt_pruner is not importable (a dict for one source, a
-    list for several)."""
+    list for several); with `plain`, with trust_remote_code=False."""
     result = subprocess.run(
-        [sys.executable, str(FRESH_LOAD), *map(str, sources), json.dumps(INPUT.tolist())],
+        [sys.executable, str(FRESH_LOAD), *map(str, sources), json.dumps(INPUT.tolist()), *["plain"][: int(plain)]],
         capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
