@@ -102,3 +102,13 @@ def reconstruction_main_job_section(result: dict, docs: Path) -> list[str]:
         lines.append(f"| {mode} | {seeds(group, 'ppl_in_domain')} | {seeds(group, 'ppl_other_source')} | "
                      f"{seeds(cloze, 'cloze')} | {seconds:.0f} |")  # fmt: skip
     return [*lines, ""]
+
+
+def reconstruction_time_section(result: dict, docs: Path) -> list[str]:
+    means = result["mean_seconds"]
+    return ["## Time of a one-shot prune with and without least-squares reconstruction", "",
+            f"`prune_model` of {result['model']} to keep {result['target_ratio']} at the defaults (float32 scoring "
+            f"passes), both modes alternately from the same calibration sample, {result['threads']} threads, nothing "
+            f"else running, loading excluded: `none` {means['none']:.0f} s, `least_squares` "
+            f"{means['least_squares']:.0f} s ({result['ratio_least_squares_to_none']:.2f}x). {note(result)}",
+            ""]  # fmt: skip

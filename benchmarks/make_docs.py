@@ -11,7 +11,11 @@ import statistics
 from pathlib import Path
 
 from _docs_common import grouped, label, load, measured, note, originals, plt, seeds, setting_row, sources
-from _docs_reconstruction import reconstruction_main_job_section, reconstruction_section
+from _docs_reconstruction import (
+    reconstruction_main_job_section,
+    reconstruction_section,
+    reconstruction_time_section,
+)
 from _docs_training import distillation_section, stages_budget_section
 
 
@@ -322,11 +326,13 @@ def main() -> None:
         part = reconstruction_section(sweeps, args.docs)
         settings += [setting_row(link(part[0]), r) for r in sweeps]
         sections += part
-    result = load(args.results, "reconstruction_main_job")
-    if result:
-        part = reconstruction_main_job_section(result, args.docs)
-        settings.append(setting_row(link(part[0]), result))
-        sections += part
+    for name, section in (("reconstruction_time", reconstruction_time_section),
+                          ("reconstruction_main_job", reconstruction_main_job_section)):  # fmt: skip
+        result = load(args.results, name)
+        if result:
+            part = section(result, args.docs)
+            settings.append(setting_row(link(part[0]), result))
+            sections += part
     distillations = measured(args.results, "distillation")  # one section per budget, events and learning rate
     for result in sorted(
         distillations, key=lambda r: (r["steps"], r["stages"], r["rows"][1]["spec"]["learning_rate"])
