@@ -125,6 +125,9 @@ class CalibrationScorer:
             if needs_grad:
                 for p in prunable_parameters(layers):
                     p.requires_grad_(True)
+                    # allocated before the first pass, so the gradients do not end up scattered between its freed
+                    # activations (the host allocator keeps such holes resident); the passes add into them in place
+                    p.grad = torch.zeros_like(p)
             if self.collect_grams and self.grams is None:
                 self.grams = GramStatistics(layers)
             self._run(collector, needs_grad)
