@@ -8,6 +8,7 @@ import torch
 from hf_adapt_pruner import PrunerConfig
 from hf_adapt_pruner.architectures import get_architecture, layer_modules
 from hf_adapt_pruner.data import CalibrationPool
+from hf_adapt_pruner.reconstruction import GramStatistics
 from hf_adapt_pruner.scorers import CalibrationScorer, micro_batches
 
 from tiny_models import MODEL_TYPES, calibration_blocks, tiny_model
@@ -86,3 +87,23 @@ def test_prune_model_passes_the_configured_micro_batch_size(monkeypatch):
     config = PrunerConfig(target_ratio=0.8, inner_steps=1, calibration_samples=4, calibration_micro_batch_size=2)
     prune_model(tiny_model("llama"), config, calibration_blocks(), progress=False)
     assert sizes == [2]
+
+
+def test_gram_matrices_are_stored_as_upper_triangles_and_unpack_whole():
+    model = tiny_model("llama", layers=2)
+    layers = layer_modules(model, get_architecture("llama"))
+    inputs = []
+    handle = layers[1].mlp.down_proj.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    grams = GramStatistics(layers)
+    with grams, torch.no_grad():
+        model(calibration_blocks(3, 10))
+    handle.remove()
+    x = inputs[0].reshape(-1, inputs[0].shape[-1])  # (tokens, intermediate)
+    key = (1, next(i for i, p in enumerate(layers[1].pruned) if p.module is layers[1].mlp.down_proj))
+    width = x.shape[1]
+    assert grams.grams[key].shape == (width * (width + 1) // 2,)  # half the bytes of the whole matrix
+    torch.testing.assert_close(grams.matrix(key), x.T @ x, rtol=1e-5, atol=1e-5)
+    kept = torch.tensor([0, 5, 6, 40])
+    grams.select_(1, {key[1]: kept})
+    torch.testing.assert_close(grams.matrix(key), (x.T @ x)[kept][:, kept], rtol=1e-5, atol=1e-5)
+    assert grams.matrix((7, 0)) is None
