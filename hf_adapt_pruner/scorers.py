@@ -14,6 +14,10 @@ least-squares reconstruction.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -163,6 +167,8 @@ class CalibrationScorer:
                 if needs_grad and n_predicted:  # a pass of padding only has no loss (NaN), only similarities
                     (loss.float() * (n_predicted / total)).backward()
                 del loss  # the logits go with it, before the next pass allocates its own
+                if device.type == "cpu":
+                    trim_host_heap()
                 bar.update(1)
         bar.close()
 
@@ -199,6 +205,28 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int | None) -> list[dict
     if size is None or n <= size:
         return [batch]
     return [{key: value[start : start + size] for key, value in batch.items()} for start in range(0, n, size)]
+
+
+def trim_host_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's `malloc_trim`; elsewhere a no-op).
+
+    Between calibration passes on the CPU, glibc keeps the pages of a pass's freed activations resident, scattered
+    among live blocks; over 16 passes of SmolLM2-135M that held 0.45x the weights' bytes more at the peak
+    (docs/guides/memory.md). Trimming costs a few milliseconds per pass.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # no C library found, or one without malloc_trim (musl)
+        return None
 
 
 def _scored(mask: torch.Tensor) -> torch.Tensor:
