@@ -173,12 +173,12 @@ def projection(line: dict, dtype_bytes: int) -> list[dict]:
     rows = []
     for name, (layers, hidden, inter, heads, kv, vocab) in PROJECTED.items():
         head_dim = hidden // heads
-        params = layers * (2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim + 3 * hidden * inter)
-        params += 2 * vocab * hidden  # untied embeddings and head, as these models have
+        prunable = layers * (2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim + 3 * hidden * inter)
+        params = prunable + 2 * vocab * hidden  # untied embeddings and head, as these models have
         peak = line["bytes_per_param"] * params + line["bytes_per_token"] * 128
         grams = layers * (inter * (inter + 1) + heads * head_dim * (heads * head_dim + 1)) * 2  # upper triangles, f32
         rows.append({"model": name, "params": params, "weight_bytes": params * dtype_bytes, "event_peak_bytes": peak,
-                     "gram_host_bytes": grams})  # fmt: skip
+                     "gradient_bytes": prunable * dtype_bytes, "gram_host_bytes": grams})  # fmt: skip
     return rows
 
 
@@ -195,7 +195,7 @@ def main() -> None:
                                                     ONE_SHOT_ROWS + CALLBACK_ROWS)  # fmt: skip
     results = []
     for row in rows:
-        need, available = 3.5 * estimated_weight_bytes(row), status_meminfo("MemAvailable:")
+        need, available = 4.0 * estimated_weight_bytes(row), status_meminfo("MemAvailable:")
         if need > available:  # leave the machine's other work alone rather than risk the OOM killer
             skipped = f"skipped: needs ~{need / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
             results.append({"row": row, "error": skipped})
