@@ -63,7 +63,7 @@ class PrunerConfig:
         calibration_micro_batch_size (`int`, defaults to 1): sequences per forward/backward pass. A calibration batch
             runs in micro-batches whose token-weighted gradients sum to the batch's, so scores are the same; only one
             micro-batch's activations and logits are alive at a time. E.g. 8 x 128-token sequences of SmolLM2-135M
-            in float32: micro-batches of 1 hold ~0.15 GB of activations and logits, one pass of 8 holds ~2.5 GB
+            in float32: a pass of 1 sequence reached up to 0.5 GB, a pass of all 8 about 2.5 GB
             (docs/guides/memory.md). Raise it for speed when memory allows.
         calibration_autocast (`str`, defaults to `"auto"`): run the calibration forward/backward of a float32 model
             under bfloat16 autocast (`bfloat16`), not (`off`), or where the device multiplies bfloat16 in hardware
