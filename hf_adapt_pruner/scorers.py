@@ -151,6 +151,12 @@ class CalibrationScorer:
         # the mean over every real token of the sample, however padding, batches and micro-batches split it.
         predicted = [_predicted_tokens(batch) for batch in passes]
         total = sum(predicted)
+        if needs_grad and total == 0:  # the gradients would stay at the zeros they start from
+            raise ValueError(
+                f"The calibration sample ({len(passes)} passes) has no next-token target: every sequence has fewer "
+                "than 2 real tokens, so Taylor scores would all be zero. Use longer calibration sequences "
+                "(calibration_seq_len) or group_importance='magnitude'."
+            )
         bar = tqdm(total=len(passes), desc="calibration", leave=False, disable=not self.progress)
         grams = self.grams if self.grams is not None else contextlib.nullcontext()
         with collector, grams, torch.set_grad_enabled(needs_grad):

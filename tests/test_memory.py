@@ -107,3 +107,16 @@ def test_gram_matrices_are_stored_as_upper_triangles_and_unpack_whole():
     grams.select_(1, {key[1]: kept})
     torch.testing.assert_close(grams.matrix(key), (x.T @ x)[kept][:, kept], rtol=1e-5, atol=1e-5)
     assert grams.matrix((7, 0)) is None
+
+
+def test_a_sample_without_targets_is_refused_rather_than_scored_zero():
+    model = tiny_model("llama", layers=2)
+    layers = layer_modules(model, get_architecture("llama"))
+    ids = calibration_blocks(2, 6)
+    mask = torch.zeros_like(ids)
+    mask[:, -1] = 1  # one real token per sequence: nothing to predict
+    pool = CalibrationPool([{"input_ids": ids, "attention_mask": mask}], num_samples=2, batch_size=2, seed=0)
+    scorer = CalibrationScorer(model, pool, "cosine", "taylor", seed=0, progress=False, micro_batch_size=1)
+    with pytest.raises(ValueError, match="no next-token target"):
+        scorer(layers, 8)
+    assert all(p.grad is None for p in model.parameters())
