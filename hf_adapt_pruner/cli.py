@@ -33,8 +33,8 @@ from .serialization import load_for_pruning, save_pruned
 
 TUNABLE = ("amplitude", "layer_importance", "group_importance", "attention_unit", "allocation", "inner_steps",
            "rescore_every", "round_to", "calibration_samples", "calibration_seq_len", "calibration_batch_size",
-           "calibration_autocast", "min_heads", "min_kv_heads", "min_intermediate_size", "reconstruction",
-           "reconstruction_damping", "seed", "layout")  # fmt: skip
+           "calibration_micro_batch_size", "calibration_autocast", "min_heads", "min_kv_heads",
+           "min_intermediate_size", "reconstruction", "reconstruction_damping", "seed", "layout")  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 

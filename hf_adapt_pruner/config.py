@@ -61,6 +61,11 @@ class PrunerConfig:
         inner_steps (`int`): inner iterations per prune event. rescore_every (`int`): importances are re-measured
             every this many inner steps (the paper: 1) and reused in between with the removed units dropped.
         calibration_samples, calibration_seq_len, calibration_batch_size (`int`): calibration per inner step.
+        calibration_micro_batch_size (`int`, defaults to 1): sequences per forward/backward pass. A calibration batch
+            runs in micro-batches whose token-weighted gradients sum to the batch's, so scores are the same; only one
+            micro-batch's activations and logits are alive at a time. E.g. 8 x 128-token sequences of SmolLM2-135M
+            in float32: a pass of 1 sequence reached up to 0.5 GB, a pass of all 8 about 2.5 GB
+            (docs/guides/memory.md). Raise it for speed when memory allows.
         calibration_autocast (`str`, defaults to `"auto"`): run the calibration forward/backward of a float32 model
             under bfloat16 autocast (`bfloat16`), not (`off`), or where the device multiplies bfloat16 in hardware
             (`auto`: GPUs with native bfloat16, CPUs with AMX). Scores are summed in float32 either way.
@@ -165,7 +170,17 @@ class PrunerConfig:
         default=16, metadata={"help": "Calibration sequences per scoring pass (resampled from the pool)."}
     )
     calibration_seq_len: int = field(default=128, metadata={"help": "Tokens per calibration sequence."})
-    calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward pass."})
+    calibration_batch_size: int = field(
+        default=8, metadata={"help": "Sequences per calibration batch (sampled and padded together)."}
+    )
+    calibration_micro_batch_size: int = field(
+        default=1,
+        metadata={
+            "help": "Sequences per forward/backward pass: batches run in micro-batches whose gradients sum to the "
+            "batch's (same scores), bounding activations and logits to one micro-batch. Raise it for speed when "
+            "memory allows."
+        },
+    )
     calibration_autocast: str = field(
         default="auto",
         metadata={
@@ -272,6 +287,7 @@ class PrunerConfig:
             "calibration_samples",
             "calibration_seq_len",
             "calibration_batch_size",
+            "calibration_micro_batch_size",
             "num_stages",
             "importance_window",
         ):

@@ -14,9 +14,10 @@ the kept inputs allow, the kept inputs themselves are untouched (each head and c
 
 `GramStatistics` accumulates `H` for every consumer projection through forward pre-hooks, during the passes an event
 already runs (the calibration passes of `CalibrationScorer`, or the training steps of the callback's importance
-window), so reconstruction costs no extra forward pass. Memory: one float32 `(in, in)` matrix per consumer, i.e.
-`layers x (intermediate_size^2 + (heads * head_dim)^2) x 4` bytes (0.32 GB for SmolLM2-135M, 0.8 GB for a model of
-Llama-3.2-1B's shape), kept on the CPU unless `device` says otherwise; the device holds one layer's matrix at a time.
+window), so reconstruction costs no extra forward pass. Memory: one float32 `(in, in)` symmetric matrix per consumer,
+stored as its upper triangle, i.e. `layers x (intermediate_size^2 + (heads * head_dim)^2) x 2` bytes (0.16 GB for
+SmolLM2-135M, 0.4 GB for a model of Llama-3.2-1B's shape), kept on the CPU unless `device` says otherwise; the device
+holds one layer's matrix at a time.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class GramStatistics:
     def __init__(self, layers: Sequence[LayerModules], device: torch.device | str | None = "cpu"):
         self.layers = list(layers)
         self.device = device
-        self.grams: dict[tuple[int, int], torch.Tensor] = {}
+        self.grams: dict[tuple[int, int], torch.Tensor] = {}  # upper triangles, row by row (`matrix` unpacks)
         self.tokens = 0  # tokens whose inputs the matrices hold (every rank's, once settled)
         self.token_mask: torch.Tensor | None = None
         self._handles: list = []
@@ -68,6 +69,9 @@ class GramStatistics:
         for lm in self.layers:
             for position, pruned in consumers(lm):
                 self._counted = self._counted or (lm.index, position)
+                if (lm.index, position) not in self.grams:  # allocated up front, not between a pass's activations
+                    width, device = pruned.module.weight.shape[1], self.device or pruned.module.weight.device
+                    self.grams[(lm.index, position)] = torch.zeros(width * (width + 1) // 2, device=device)
                 hook = self._make_hook((lm.index, position))
                 self._handles.append(pruned.module.register_forward_pre_hook(hook))
         return self
@@ -86,13 +90,11 @@ class GramStatistics:
                     x = x[self.token_mask.to(x.device) != 0]
                 x = x.reshape(-1, x.shape[-1]).float()
                 gram = x.T @ x  # (in, in), on the model's device
+                gram = gram[_upper(gram.shape[0], gram.device)]  # (in * (in + 1) / 2,): the rest mirrors it
                 if key == self._counted:
                     self.tokens += x.shape[0]
-                total = self.grams.get(key)
-                if total is None:
-                    self.grams[key] = gram.to(self.device or gram.device)
-                else:
-                    total.add_(gram.to(total.device))
+                total = self.grams[key]
+                total.add_(gram.to(total.device))
 
         return hook
 
@@ -117,13 +119,31 @@ class GramStatistics:
     def select_(self, layer: int, kept: dict[int, torch.Tensor]) -> None:
         """After physical slicing: keep the rows and columns of the kept inputs (`kept`: position -> entries)."""
         for position, index in kept.items():
-            gram = self.grams.get((layer, position))
+            gram = self.matrix((layer, position))
             if gram is not None:
                 index = index.to(gram.device)
-                self.grams[(layer, position)] = gram.index_select(0, index).index_select(1, index)
+                kept_gram = gram.index_select(0, index).index_select(1, index)
+                self.grams[(layer, position)] = kept_gram[_upper(len(index), gram.device)]
+
+    def matrix(self, key: tuple[int, int]) -> torch.Tensor | None:
+        """The whole `(in, in)` matrix of consumer `key` (layer, position), or None if it has none."""
+        packed = self.grams.get(key)
+        if packed is None:
+            return None
+        width = int(((8 * packed.numel() + 1) ** 0.5 - 1) / 2)
+        upper = _upper(width, packed.device)
+        full = torch.zeros(width, width, dtype=packed.dtype, device=packed.device)
+        full[upper] = packed
+        full.T[upper] = packed  # the lower triangle mirrors the upper one (the diagonal is written twice, equal)
+        return full
 
     def bytes(self) -> int:
         return sum(g.numel() * g.element_size() for g in self.grams.values())
+
+
+def _upper(width: int, device) -> torch.Tensor:
+    """(width, width) bool: the upper triangle with the diagonal, whose entries `gram[mask]` lists row by row."""
+    return torch.ones(width, width, dtype=torch.bool, device=device).triu_()
 
 
 def least_squares_correction(
@@ -162,7 +182,7 @@ def refit_layer_(
         kept, alive = kept_entries[id(pruned)], live_entries[id(pruned)]
         result[position] = kept
         removed = alive[~torch.isin(alive, kept)]
-        gram = grams.grams.get((lm.index, position))
+        gram = grams.matrix((lm.index, position))
         if removed.numel() == 0 or gram is None:
             continue
         weight = full_tensor(effective_weight(pruned))  # every rank computes the whole correction

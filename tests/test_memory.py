@@ -1,0 +1,122 @@
+"""Memory savings of a prune event that must not change what it computes: calibration micro-batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_adapt_pruner import PrunerConfig
+from hf_adapt_pruner.architectures import get_architecture, layer_modules
+from hf_adapt_pruner.data import CalibrationPool
+from hf_adapt_pruner.reconstruction import GramStatistics
+from hf_adapt_pruner.scorers import CalibrationScorer, micro_batches
+
+from tiny_models import MODEL_TYPES, calibration_blocks, tiny_model
+
+
+def padded_batches() -> list[dict[str, torch.Tensor]]:
+    """Two batches of 4 sequences, left-padded to different lengths (padding must weigh nothing in any split)."""
+    ids = calibration_blocks(8, 20, seed=3)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 3, 7, 1, 0, 12, 5, 2]):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    return [{"input_ids": ids[:4], "attention_mask": mask[:4]}, {"input_ids": ids[4:], "attention_mask": mask[4:]}]
+
+
+def measure(model, micro_batch_size: int | None):
+    """(layer importance, group scores, Gram matrices) of one calibration measurement."""
+    layers = layer_modules(model, get_architecture(model.config.model_type))
+    head_dim = model.config.head_dim
+    pool = CalibrationPool(padded_batches(), num_samples=8, batch_size=4, seed=0)
+    scorer = CalibrationScorer(model, pool, "cosine", "taylor", seed=0, progress=False, collect_grams=True,
+                               micro_batch_size=micro_batch_size)  # fmt: skip
+    importance, scores = scorer(layers, head_dim)
+    return importance, scores, scorer.grams
+
+
+@pytest.mark.parametrize(("model_type", "size"), [(t, 1) for t in MODEL_TYPES] + [("llama", 3)])
+def test_micro_batches_give_the_scores_and_statistics_of_whole_batches(model_type, size):
+    model = tiny_model(model_type, gqa_ratio=3, layers=2)
+    whole = measure(model, None)
+    split = measure(model, size)  # one sequence per pass; parts of unequal sizes (3 + 1)
+    torch.testing.assert_close(split[0], whole[0], rtol=1e-5, atol=1e-7)
+    for a, b in zip(split[1], whole[1]):
+        for name in ("q_heads", "kv_heads", "channels"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-9)
+    assert split[2].tokens == whole[2].tokens == int(sum(b["attention_mask"].sum() for b in padded_batches()))
+    for key, gram in whole[2].grams.items():
+        torch.testing.assert_close(split[2].grams[key], gram, rtol=1e-5, atol=1e-5)
+
+
+def test_no_pass_holds_more_sequences_than_the_micro_batch():
+    model = tiny_model("llama")
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)  # fmt: skip
+    layers = layer_modules(model, get_architecture("llama"))
+    pool = CalibrationPool(calibration_blocks(10, 16), num_samples=10, batch_size=4, seed=0)
+    CalibrationScorer(model, pool, "cosine", "taylor", seed=0, progress=False, micro_batch_size=3)(layers, 8)
+    handle.remove()
+    assert seen == [3, 1, 3, 1, 2]  # batches 4, 4, 2 in parts of at most 3
+    assert all(p.grad is None for p in model.parameters())  # the measurement's gradients are gone with it
+
+
+def test_micro_batches_are_views_of_the_batch():
+    batch = {"input_ids": torch.arange(12).view(4, 3), "attention_mask": torch.ones(4, 3, dtype=torch.long)}
+    parts = micro_batches(batch, 3)
+    assert [p["input_ids"].shape[0] for p in parts] == [3, 1]
+    assert all(p["input_ids"].untyped_storage().data_ptr() == batch["input_ids"].untyped_storage().data_ptr()
+               for p in parts)  # fmt: skip
+    assert micro_batches(batch, None) == [batch] and micro_batches(batch, 4) == [batch]
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_a_bad_micro_batch_size_is_refused_with_its_name(value):
+    with pytest.raises(ValueError, match=rf"calibration_micro_batch_size={value!r} must be a positive integer"):
+        PrunerConfig(target_ratio=0.7, calibration_micro_batch_size=value)
+
+
+def test_prune_model_passes_the_configured_micro_batch_size(monkeypatch):
+    from hf_adapt_pruner import prune_model
+
+    sizes = []
+    original = CalibrationScorer._run
+    monkeypatch.setattr(CalibrationScorer, "_run", lambda self, *a: sizes.append(self.micro_batch_size) or
+                        original(self, *a))  # fmt: skip
+    config = PrunerConfig(target_ratio=0.8, inner_steps=1, calibration_samples=4, calibration_micro_batch_size=2)
+    prune_model(tiny_model("llama"), config, calibration_blocks(), progress=False)
+    assert sizes == [2]
+
+
+def test_gram_matrices_are_stored_as_upper_triangles_and_unpack_whole():
+    model = tiny_model("llama", layers=2)
+    layers = layer_modules(model, get_architecture("llama"))
+    inputs = []
+    handle = layers[1].mlp.down_proj.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    grams = GramStatistics(layers)
+    with grams, torch.no_grad():
+        model(calibration_blocks(3, 10))
+    handle.remove()
+    x = inputs[0].reshape(-1, inputs[0].shape[-1])  # (tokens, intermediate)
+    key = (1, next(i for i, p in enumerate(layers[1].pruned) if p.module is layers[1].mlp.down_proj))
+    width = x.shape[1]
+    assert grams.grams[key].shape == (width * (width + 1) // 2,)  # half the bytes of the whole matrix
+    torch.testing.assert_close(grams.matrix(key), x.T @ x, rtol=1e-5, atol=1e-5)
+    kept = torch.tensor([0, 5, 6, 40])
+    grams.select_(1, {key[1]: kept})
+    torch.testing.assert_close(grams.matrix(key), (x.T @ x)[kept][:, kept], rtol=1e-5, atol=1e-5)
+    assert grams.matrix((7, 0)) is None
+
+
+def test_a_sample_without_targets_is_refused_rather_than_scored_zero():
+    model = tiny_model("llama", layers=2)
+    layers = layer_modules(model, get_architecture("llama"))
+    ids = calibration_blocks(2, 6)
+    mask = torch.zeros_like(ids)
+    mask[:, -1] = 1  # one real token per sequence: nothing to predict
+    pool = CalibrationPool([{"input_ids": ids, "attention_mask": mask}], num_samples=2, batch_size=2, seed=0)
+    scorer = CalibrationScorer(model, pool, "cosine", "taylor", seed=0, progress=False, micro_batch_size=1)
+    with pytest.raises(ValueError, match="no next-token target"):
+        scorer(layers, 8)
+    assert all(p.grad is None for p in model.parameters())
