@@ -42,8 +42,9 @@ def reconstruction_section(results: list[dict], docs: Path) -> list[str]:
     lines = ["## One-shot with and without least-squares reconstruction", "",
              "Each keep and seed pruned twice from the same "
              "calibration sample, with `reconstruction=\"none\"` and `\"least_squares\"` (defaults otherwise, float32 "
-             f"scoring passes). Held-out perplexity on {first['eval_tokens']:,} tokens of each source: "
-             f"{' and '.join(names)} (original: {originals(first)}), mean (each seed); change: the refit against "
+             f"scoring passes). Held-out perplexity on {first['eval_tokens']:,} tokens of each source: python3.11-doc "
+             f"files never calibrated on ({names[0]}) and git-doc ({names[1]}), original: {originals(first)}; mean "
+             "(each seed); change: the refit against "
              "none, per seed. `peak`: resident memory during the prune above the memory before it, in model sizes "
              f"(float32 weights: {first['model_bytes'] / 1e9:.2f} GB). {notes}",
              "", "| keep | reconstruction | " + " | ".join(f"ppl {n}" for n in names) + " | prune s | peak |",

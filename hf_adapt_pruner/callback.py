@@ -279,7 +279,7 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
             layers = [lm.layer for lm in self._pruner.layers]
             self._collector = LayerSimilarityCollector(layers, self.config.layer_importance).__enter__()
             self._scores = None
-            if self.config.reconstruction != "none":  # the window's training inputs, for the event's refit
+            if self.config.refits(while_training=True):  # the window's training inputs, for the event's refit
                 self._grams = GramStatistics(self._pruner.layers).__enter__()
         elif not in_window:
             self._close_window()
@@ -317,7 +317,9 @@ class AdaptPrunerCallback(TrainerCallback, ExportableState):
         config, pruner = self.config, self._pruner
         if config.importance_source == "calibration":
             pool = calibration_pool(self.calibration_data, config, seed=config.seed + self.events_done)
-            return CalibrationScorer.from_config(pruner.model, pool, config, progress=self._progress)
+            return CalibrationScorer.from_config(
+                pruner.model, pool, config, progress=self._progress, while_training=True
+            )
         importance = self._collector.importance()
         if config.group_importance == "taylor":
             if self._scores is None:

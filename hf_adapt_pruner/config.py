@@ -24,7 +24,7 @@ LAYOUTS = ("adaptive", "uniform")
 DATA_SPLITS = ("linear", "constant", "cosine")
 IMPORTANCE_SOURCES = ("training", "calibration")
 CALIBRATION_AUTOCASTS = ("auto", "bfloat16", "off")
-RECONSTRUCTIONS = ("none", "least_squares")
+RECONSTRUCTIONS = ("auto", "none", "least_squares")
 
 
 @dataclass
@@ -74,10 +74,11 @@ class PrunerConfig:
             `save_pruned`), `auto` picks physical unless the training engine shards parameters.
         num_stages, data_split, recovery_fraction, importance_source, importance_window: the Adapt-Accel schedule
             of `AdaptPrunerCallback` (see `hf_adapt_pruner.schedule` for a worked example).
-        reconstruction (`str`, defaults to `"least_squares"`): after each slicing, the kept input columns of the
-            projections that read heads and channels (`o_proj`, `down_proj`) are refit by least squares on the inputs
-            the event's passes saw, so their outputs stay as close to the unpruned ones as the kept inputs allow
-            (`hf_adapt_pruner.reconstruction`); `none` leaves the surviving weights unchanged.
+        reconstruction (`str`, defaults to `"auto"`): `least_squares`: after each slicing, the kept input columns of
+            the projections that read heads and channels (`o_proj`, `down_proj`) are refit by least squares on the
+            inputs the event's passes saw, so their outputs stay as close to the unpruned ones as the kept inputs
+            allow (`hf_adapt_pruner.reconstruction`); `none` leaves the surviving weights unchanged; `auto` refits in
+            one-shot pruning and not in `AdaptPrunerCallback` events (where the refit measured worse).
         reconstruction_damping (`float`, defaults to `0.01`): ridge damping of that refit, relative to the mean
             diagonal of the inputs' Gram matrix.
         layout (`str`, defaults to `"adaptive"`): `adaptive` gives each layer its own widths (the paper); `uniform`
@@ -226,10 +227,11 @@ class PrunerConfig:
     )
     # --- repairing what pruning removes -------------------------------------------------------------------------
     reconstruction: str = field(
-        default="least_squares",
+        default="auto",
         metadata={
             "help": "After each slicing, refit the kept input columns of o_proj / down_proj by least squares on the "
-            "inputs the event's passes saw (least_squares), or leave the surviving weights as they are (none)."
+            "inputs the event's passes saw (least_squares), or leave the surviving weights as they are (none); auto: "
+            "least_squares in one-shot pruning, none in AdaptPrunerCallback events."
         },
     )
     reconstruction_damping: float = field(
@@ -316,6 +318,10 @@ class PrunerConfig:
             isinstance(self.target_params, bool) or not isinstance(self.target_params, int) or self.target_params < 1
         ):
             raise ValueError(f"target_params={self.target_params!r} must be a positive integer parameter count.")
+
+    def refits(self, while_training: bool) -> bool:
+        """Whether prune events refit the surviving weights: one-shot (`while_training=False`) or in the callback."""
+        return self.reconstruction == "least_squares" or (self.reconstruction == "auto" and not while_training)
 
     def resolve_target(self, num_parameters: int) -> int:
         """The parameter count to reach, for a model that had `num_parameters` when pruning started."""

@@ -232,7 +232,7 @@ class AdaptivePruner:
             raw, scores = raw.detach().double().cpu(), [s.cpu_double() for s in scores]  # from any device
             if self.sync is not None:
                 raw, scores = self.sync.average(raw, scores)
-            grams = getattr(scorer, "grams", None) if self.config.reconstruction != "none" else None
+            grams = getattr(scorer, "grams", None)  # present where the config refits (PrunerConfig.refits)
             if grams is not None:
                 grams.settle(self.sync)  # every rank refits from the same statistics
             importance = normalize_importance(raw)

@@ -101,12 +101,17 @@ class CalibrationScorer:
 
     @classmethod
     def from_config(
-        cls, model: nn.Module, pool: CalibrationPool, config: PrunerConfig, progress: bool = True
+        cls,
+        model: nn.Module,
+        pool: CalibrationPool,
+        config: PrunerConfig,
+        progress: bool = True,
+        while_training: bool = False,
     ) -> CalibrationScorer:
-        """The scorer a `PrunerConfig` describes."""
+        """The scorer a `PrunerConfig` describes (`while_training`: for a callback event)."""
         return cls(model, pool, config.layer_importance, config.group_importance, config.seed, progress,
                    rescore_every=config.rescore_every, autocast=config.calibration_autocast,
-                   collect_grams=config.reconstruction != "none",
+                   collect_grams=config.refits(while_training),
                    micro_batch_size=config.calibration_micro_batch_size)  # fmt: skip
 
     def __call__(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]:

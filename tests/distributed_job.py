@@ -123,7 +123,8 @@ def train(model, output: Path, mode: str, resume: str | None = None, teacher=Non
     data = [{"input_ids": b, "labels": b} for b in calibration_blocks(n=64, seq_len=16)]
     config = PrunerConfig(target_ratio=0.7, num_stages=2, importance_window=2, recovery_fraction=0.25, round_to=1,
                           amplitude=0.02 if mode == "uniform" else 0.1, mode="mask" if mode == "mask" else "auto",
-                          layout="uniform" if mode == "uniform" else "adaptive")  # fmt: skip
+                          layout="uniform" if mode == "uniform" else "adaptive",
+                          reconstruction="least_squares")  # fmt: skip
     distillation = DistillationConfig(alpha=0.5, temperature=2.0) if mode in ("distill", "uniform") else None
     callback = AdaptPrunerCallback(config, distillation=distillation, teacher=teacher)
     recorder = Recorder(callback)

@@ -72,7 +72,7 @@ def main() -> None:
     config = PrunerConfig(target_ratio=0.7, num_stages=2, importance_window=2, recovery_fraction=0.25, round_to=1,
                           amplitude=0.1, importance_source="calibration" if source == "calibration" else "training",
                           mode="physical" if source == "physical" else "auto", calibration_samples=8,
-                          calibration_batch_size=4)  # fmt: skip
+                          calibration_batch_size=4, reconstruction="least_squares")  # fmt: skip
     args = TrainingArguments(output_dir=str(output / "run"), max_steps=STEPS, use_cpu=True, ddp_backend="gloo",
                              report_to=[], disable_tqdm=True)  # fmt: skip
     refusal = None

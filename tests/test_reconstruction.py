@@ -127,3 +127,13 @@ def test_none_leaves_the_kept_weights_unchanged():
             torch.cdist(columns, original, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
         )  # to the nearest original column
         assert bool((distance < 1e-6).all()) == unchanged
+
+
+def test_auto_refits_in_one_shot_and_not_in_callback_events():
+    default = PrunerConfig(target_ratio=0.6)
+    assert default.reconstruction == "auto" and default.refits(while_training=False)
+    assert not default.refits(while_training=True)
+    assert PrunerConfig(target_ratio=0.6, reconstruction="least_squares").refits(while_training=True)
+    model = tiny_model("llama").float()
+    report = prune_model(model, config(reconstruction="auto"), calibration_blocks(32, 24), progress=False)
+    assert report.reconstruction_tokens == 16 * 24  # one inner step of 16 sequences
