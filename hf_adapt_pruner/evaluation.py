@@ -30,15 +30,18 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, prog
 
 
 @torch.no_grad()
-def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 40) -> str:
-    """Greedy continuation of `prompt` (through the chat template when the tokenizer has one)."""
+def generate_sample(
+    model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 40, min_new_tokens: int = 8
+) -> str:
+    """Greedy continuation of `prompt` (through the chat template when the tokenizer has one), of at least
+    `min_new_tokens` tokens: a pruned instruct model may otherwise end its turn at once, which shows nothing."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
