@@ -34,7 +34,10 @@ def uniform_model(model_type: str, ratio: float = 0.45, **overrides):
     return model
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+# one fresh process each (~6 s): llama in the quick suite, every other architecture in the slow set
+@pytest.mark.parametrize(
+    "model_type", [t if t == "llama" else pytest.param(t, marks=pytest.mark.slow) for t in MODEL_TYPES]
+)
 def test_uniform_model_loads_as_its_stock_architecture_in_a_fresh_process(model_type, tmp_path):
     model = uniform_model(model_type)
     layout = model.config.pruned_layout
