@@ -22,6 +22,7 @@ holds one layer's matrix at a time.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -141,6 +142,7 @@ class GramStatistics:
         return sum(g.numel() * g.element_size() for g in self.grams.values())
 
 
+@functools.lru_cache(maxsize=8)  # the hooks call it for every pass: one mask per width and device
 def _upper(width: int, device) -> torch.Tensor:
     """(width, width) bool: the upper triangle with the diagonal, whose entries `gram[mask]` lists row by row."""
     return torch.ones(width, width, dtype=torch.bool, device=device).triu_()
