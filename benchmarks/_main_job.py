@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from _common import OTHER_TEXT_DIR, TEXT_DIR, load_model, other_source_texts, text_blocks
+from _common import OTHER_TEXT_DIR, TEXT_DIR, load_model, other_source_texts, parser, text_blocks, write
 from _mc_task import ClozeTask, build_cloze_task, prose_paragraphs, run_lm_eval
 from callback_overhead import StepTimer
 from memory import PeakRSS, rss_bytes
@@ -62,6 +62,7 @@ class Spec:
     bf16: bool = False  # train under bfloat16 autocast (evaluation stays float32)
     teacher_dtype: str | None = None  # DistillationConfig.teacher_dtype of a distilled run
     reconstruction: str = "none"  # PrunerConfig.reconstruction (rows measured before it existed had none)
+    layout: str = "adaptive"  # PrunerConfig.layout
     smoke: bool = False
     text_dir: str = TEXT_DIR
     other_text_dir: str = OTHER_TEXT_DIR
@@ -82,6 +83,7 @@ class Spec:
             "batch_size",
             "bf16",
             "reconstruction",
+            "layout",
         )
         ignored = ("text_dir", "other_text_dir", *(untrained if self.method == "original" else ()),
                    *(("temperature",) if self.method == "lm" else ()))  # fmt: skip
@@ -162,7 +164,8 @@ def one_run(spec: Spec, task: ClozeTask) -> dict:
                                               teacher_dtype=spec.teacher_dtype)  # fmt: skip
         config = PrunerConfig(target_ratio=0.7, num_stages=spec.stages, importance_window=2 if spec.smoke else 4,
                               recovery_fraction=spec.recovery_fraction, inner_steps=5, calibration_samples=16,
-                              calibration_seq_len=spec.seq_len, reconstruction=spec.reconstruction)  # fmt: skip
+                              calibration_seq_len=spec.seq_len, reconstruction=spec.reconstruction,
+                              layout=spec.layout)  # fmt: skip
         with tempfile.TemporaryDirectory() as output_dir:  # its own prune_events.json (runs may be concurrent)
             callback = AdaptPrunerCallback(config, distillation=distillation)
             row |= train(model, train_blocks, spec, callback, output_dir)
@@ -219,6 +222,37 @@ def run_all(args, specs: list[Spec]) -> tuple[list[dict], ClozeTask]:
         with ThreadPoolExecutor(args.jobs) as pool:  # child processes; rows stay in this order
             rows = list(pool.map(lambda s: reused.get(s.key()) or launch(s, task), specs))
     return rows, task
+
+
+def compare(name: str, description: str, field: str, values: tuple[str, ...]) -> None:
+    """A benchmark driver: the original model, then the main job with distillation (alpha 0.5) once for each value of
+    the `Spec` field `field` and each seed; writes `results/<name>.json` with the rows and the mean of each value."""
+    p = parser(description)
+    add_arguments(p)
+    p.add_argument("--max-steps", type=int, default=80)
+    p.add_argument("--num-stages", type=int, default=10)
+    args = p.parse_args()
+    if args.smoke:
+        args.seeds, args.max_steps, args.num_stages = args.seeds[:1], 8, 2
+    specs = [spec(args, "original", args.seeds[0], args.num_stages, args.max_steps)]
+    specs += [dataclasses.replace(spec(args, "0.5", seed, args.num_stages, args.max_steps), **{field: value})
+              for seed in args.seeds for value in values]  # fmt: skip
+    rows, task = run_all(args, specs)
+    summary = {}
+    for value in values:
+        chosen = [r for r in rows[1:] if getattr(Spec(**r["spec"]), field) == value]
+        summary[value] = {
+            key: statistics.mean(r[key] for r in chosen)
+            for key in ("ppl_in_domain", "ppl_other_source", "train_seconds", "rss_peak_train_bytes")
+        }
+        summary[value]["cloze"] = statistics.mean(r["cloze"]["acc"] for r in chosen)
+    write(name, args, {
+        "model": rows[0]["model"], "target_ratio": 0.7, "steps": args.max_steps, "stages": args.num_stages,
+        "batch": f"{specs[0].batch_size} x {specs[0].seq_len} tokens", "seeds": args.seeds, "distill_alpha": 0.5,
+        "eval_tokens": specs[0].eval_blocks * specs[0].seq_len, "compared": field,
+        "cloze": {"questions": task.num_questions, "choices": task.num_choices},
+        "rows": rows, "summary": summary,
+    })  # fmt: skip
 
 
 def main() -> None:

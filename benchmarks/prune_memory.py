@@ -8,6 +8,9 @@ top of a short Trainer run's own memory. Each row runs in a fresh process; the p
 bytes = a * params + b * tokens (tokens of one forward/backward pass), and a projection to 8B and 70B shapes.
 
     OMP_NUM_THREADS=1 python benchmarks/prune_memory.py [--smoke] [--rows smollm2-135m:float32,...]
+
+A row is `model:dtype[:tokens per pass][:samples=N][:recompute]`: `samples=N` calibration sequences instead of 2,
+`recompute` with `calibration_checkpointing=True`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ PROJECTED = {"8B": (32, 4096, 14336, 32, 8, 128256), "70B": (80, 8192, 28672, 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ONE_SHOT_ROWS = [f"{m}:{d}" for m in ("smollm2-135m", *SHAPES) for d in DTYPES] + [
     f"smollm2-135m:{d}:512" for d in DTYPES
+]
+# The layers' activations recomputed in the backward pass (calibration_checkpointing), and the default calibration
+# sample of 16 sequences (the peak depends on where a pass's activations land among the heap's free pages).
+RECOMPUTE_ROWS = [f"{m}:float32:recompute" for m in ("smollm2-135m", *SHAPES)] + [
+    f"smollm2-135m:float32:samples=16{flag}" for flag in ("", ":recompute")
 ]
 CALLBACK_ROWS = ["callback:smollm2-135m:float32"]
 SAMPLES = 2  # calibration sequences per event: two forward/backward passes of one sequence each
@@ -96,9 +104,12 @@ def one_shot(row: str, smoke: bool) -> dict:
     from hf_adapt_pruner import PrunerConfig, count_parameters, prune_model
 
     name, dtype, *rest = row.split(":")
-    seq_len = int(rest[0]) if rest else 128
+    seq_len = next((int(part) for part in rest if part.isdigit()), 128)
+    samples = next((int(part.removeprefix("samples=")) for part in rest if part.startswith("samples=")), SAMPLES)
+    recompute = "recompute" in rest
     model, calibration = build(name, DTYPES[dtype], smoke, seq_len)
-    config = PrunerConfig(target_ratio=0.7, inner_steps=1, calibration_samples=SAMPLES, calibration_seq_len=seq_len)
+    config = PrunerConfig(target_ratio=0.7, inner_steps=1, calibration_samples=samples, calibration_seq_len=seq_len,
+                          calibration_checkpointing=recompute)  # fmt: skip
     params, weights = count_parameters(model), weight_bytes(model)
     before = status("VmRSS:")
     reset_peak()
@@ -108,6 +119,7 @@ def one_shot(row: str, smoke: bool) -> dict:
     peak = status("VmHWM:") - before
     return {"row": row, "kind": "one-shot", "model": name, "dtype": dtype, "params": params,
             "weight_bytes": weights, "tokens_per_pass": config.calibration_micro_batch_size * seq_len,
+            "calibration_samples": samples, "calibration_checkpointing": recompute,
             "peak_above_model_bytes": peak, "peak_over_weights": round(peak / weights, 3),
             "seconds": round(seconds, 1)}  # fmt: skip
 
@@ -157,8 +169,10 @@ def callback_event(row: str, smoke: bool) -> dict:
 
 
 def fit(rows: list[dict]) -> dict | None:
-    """Least squares bytes = a * params + b * tokens over the one-shot rows of one dtype (None if too few)."""
-    rows = [r for r in rows if r["kind"] == "one-shot"]
+    """Least squares bytes = a * params + b * tokens over the one-shot rows of one dtype at the default calibration
+    settings (None if too few)."""
+    rows = [r for r in rows if r["kind"] == "one-shot" and not r.get("calibration_checkpointing")
+            and r.get("calibration_samples", SAMPLES) == SAMPLES]  # fmt: skip
     if len(rows) < 2 or len({r["tokens_per_pass"] for r in rows}) < 2:
         return None
     x = torch.tensor([[r["params"], r["tokens_per_pass"]] for r in rows], dtype=torch.float64)
@@ -192,7 +206,7 @@ def main() -> None:
         print(json.dumps(run(args.row, args.smoke)))
         return
     rows = args.rows.split(",") if args.rows else (["smollm2-135m:float32"] if args.smoke else
-                                                    ONE_SHOT_ROWS + CALLBACK_ROWS)  # fmt: skip
+                                                    ONE_SHOT_ROWS + RECOMPUTE_ROWS + CALLBACK_ROWS)  # fmt: skip
     results = []
     for row in rows:
         need, available = 4.0 * estimated_weight_bytes(row), status_meminfo("MemAvailable:")

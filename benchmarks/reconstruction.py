@@ -37,6 +37,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--modes", nargs="+", default=["none", "least_squares"])
     p.add_argument("--eval-blocks", type=int, default=128)
+    p.add_argument(
+        "--damping",
+        type=float,
+        default=PrunerConfig.reconstruction_damping,
+        help="reconstruction_damping; another value than the default writes reconstruction_damping.json.",
+    )
     p.add_argument("--baseline", type=Path, help="A one_shot_quality JSON whose adaptive rows serve as the none rows.")
     args = p.parse_args()
     budget = {}
@@ -59,13 +65,15 @@ def main() -> None:
                     continue
                 pruned = copy.deepcopy(model)
                 config = PrunerConfig(target_ratio=ratio, calibration_seq_len=seq_len, seed=seed, reconstruction=mode,
-                                      calibration_autocast="off", **budget)  # fmt: skip
+                                      reconstruction_damping=args.damping, calibration_autocast="off",
+                                      **budget)  # fmt: skip
                 before = rss_bytes()
                 start = time.perf_counter()
                 with PeakRSS() as peak:
                     report = prune_model(pruned, config, calibration, progress=False)
                 seconds = time.perf_counter() - start
-                rows.append({"ratio": ratio, "mode": mode, "seed": seed, "params": report.params_after,
+                rows.append({"ratio": ratio, "mode": mode, "seed": seed, "damping": args.damping,
+                             "params": report.params_after,
                              "prune_seconds": round(seconds, 2),
                              "peak_over_before_in_model_sizes": round((peak.peak - before) / model_bytes, 3),
                              **{f"ppl {k}": perplexity(pruned, v) for k, v in held_out.items()},
@@ -96,9 +104,10 @@ def save(args, name: str, model_bytes: int, budget: dict, rows: list[dict], held
                 entry.setdefault(key, []).append(row[key])
     summary = {r: {m: {k: statistics.mean(v) for k, v in e.items()} for m, e in modes.items()}
                for r, modes in summary.items()}  # fmt: skip
-    write("reconstruction", args, {
+    default = args.damping == PrunerConfig.reconstruction_damping
+    write("reconstruction" if default else "reconstruction_damping", args, {
         "model": name, "model_bytes": model_bytes, "threads": torch.get_num_threads(),
-        "defaults": PrunerConfig(target_ratio=0.7, **budget).to_dict(),
+        "defaults": PrunerConfig(target_ratio=0.7, reconstruction_damping=args.damping, **budget).to_dict(),
         "calibration": "256 x 128-token blocks from python3.11-doc (training files)",
         "eval_tokens": next(iter(held_out.values())).numel(), "rows": rows, "mean": summary,
     })  # fmt: skip

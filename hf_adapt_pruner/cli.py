@@ -33,8 +33,9 @@ from .serialization import load_for_pruning, save_pruned
 
 TUNABLE = ("amplitude", "layer_importance", "group_importance", "attention_unit", "allocation", "inner_steps",
            "rescore_every", "round_to", "calibration_samples", "calibration_seq_len", "calibration_batch_size",
-           "calibration_micro_batch_size", "calibration_autocast", "min_heads", "min_kv_heads",
-           "min_intermediate_size", "reconstruction", "reconstruction_damping", "seed", "layout")  # fmt: skip
+           "calibration_micro_batch_size", "calibration_checkpointing", "calibration_autocast", "min_heads",
+           "min_kv_heads", "min_intermediate_size", "reconstruction", "reconstruction_damping", "seed",
+           "layout")  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -70,7 +71,8 @@ def _add_prune_parser(subparsers) -> None:
     fields = {f.name: f for f in dataclasses.fields(PrunerConfig)}
     for name in TUNABLE:
         f = fields[name]
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.metadata["help"])
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument(f"--{name.replace('_', '-')}", default=f.default, help=f.metadata["help"], **kind)
 
 
 def _add_calibration_arguments(p) -> None:

@@ -22,7 +22,6 @@ holds one layer's matrix at a time.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +36,12 @@ from .surgery import kept_per_module
 def consumers(lm: LayerModules) -> list[tuple[int, PrunedModule]]:
     """(position in `lm.pruned`, module) of the projections that read the layer's heads or channels."""
     return [(i, p) for i, p in enumerate(lm.pruned) if p.dim == 1 and p.module.weight.dim() == 2]
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass (where activation checkpointing recomputes forwards)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)  # private; absent in other torch versions
+    return task is not None and task() != -1
 
 
 class GramStatistics:
@@ -85,13 +90,15 @@ class GramStatistics:
 
     def _make_hook(self, key: tuple[int, int]):
         def hook(module, args):
+            if _in_backward():  # activation checkpointing recomputes the forward: its inputs are counted already
+                return
             with torch.no_grad():
                 x = args[0]  # (B, T, in)
                 if self.token_mask is not None and self.token_mask.shape == x.shape[:-1]:
                     x = x[self.token_mask.to(x.device) != 0]
                 x = x.reshape(-1, x.shape[-1]).float()
-                gram = x.T @ x  # (in, in), on the model's device
-                gram = gram[_upper(gram.shape[0], gram.device)]  # (in * (in + 1) / 2,): the rest mirrors it
+                rows, cols = _triangle(x.shape[-1], x.device)
+                gram = (x.T @ x).view(-1).index_select(0, rows * x.shape[-1] + cols)  # the rest mirrors it
                 if key == self._counted:
                     self.tokens += x.shape[0]
                 total = self.grams[key]
@@ -123,8 +130,8 @@ class GramStatistics:
             gram = self.matrix((layer, position))
             if gram is not None:
                 index = index.to(gram.device)
-                kept_gram = gram.index_select(0, index).index_select(1, index)
-                self.grams[(layer, position)] = kept_gram[_upper(len(index), gram.device)]
+                rows, cols = _triangle(len(index), gram.device)
+                self.grams[(layer, position)] = gram[index[rows], index[cols]]
 
     def matrix(self, key: tuple[int, int]) -> torch.Tensor | None:
         """The whole `(in, in)` matrix of consumer `key` (layer, position), or None if it has none."""
@@ -132,20 +139,32 @@ class GramStatistics:
         if packed is None:
             return None
         width = int(((8 * packed.numel() + 1) ** 0.5 - 1) / 2)
-        upper = _upper(width, packed.device)
+        rows, cols = _triangle(width, packed.device)
         full = torch.zeros(width, width, dtype=packed.dtype, device=packed.device)
-        full[upper] = packed
-        full.T[upper] = packed  # the lower triangle mirrors the upper one (the diagonal is written twice, equal)
+        full[rows, cols] = packed
+        full[cols, rows] = packed  # the lower triangle mirrors the upper one (the diagonal is written twice, equal)
         return full
 
     def bytes(self) -> int:
         return sum(g.numel() * g.element_size() for g in self.grams.values())
 
 
-@functools.lru_cache(maxsize=8)  # the hooks call it for every pass: one mask per width and device
-def _upper(width: int, device) -> torch.Tensor:
-    """(width, width) bool: the upper triangle with the diagonal, whose entries `gram[mask]` lists row by row."""
-    return torch.ones(width, width, dtype=torch.bool, device=device).triu_()
+_TRIANGLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (rows, cols) of the widest triangle yet
+
+
+def _triangle(width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols), int64: the upper triangle of a (width, width) matrix with its diagonal, column by column ((0, 0),
+    (0, 1), (1, 1), (0, 2), ...), the order of a packed Gram matrix. A narrower triangle's order is a prefix of a wider
+    one's, so one pair of index vectors per device (the widest seen, stored as int32) serves every width: the hooks
+    call this in every pass, for layers of different widths."""
+    count = width * (width + 1) // 2
+    rows, cols = _TRIANGLES.get(str(device), (None, None))
+    if rows is None or rows.numel() < count:
+        cols = torch.arange(width, device=device).repeat_interleave(torch.arange(1, width + 1, device=device))
+        rows = torch.arange(count, device=device) - cols * (cols + 1) // 2
+        rows, cols = rows.int(), cols.int()
+        _TRIANGLES[str(device)] = rows, cols
+    return rows[:count].long(), cols[:count].long()
 
 
 def least_squares_correction(

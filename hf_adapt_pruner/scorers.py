@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -30,6 +31,7 @@ from .config import PrunerConfig
 from .data import CalibrationPool
 from .importance import GroupScores, LayerSimilarityCollector, group_scores
 from .reconstruction import GramStatistics
+from .sharding import has_sharded_parameters
 
 
 logger = logging.get_logger(__name__)
@@ -78,6 +80,7 @@ class CalibrationScorer:
         autocast: str = "off",
         collect_grams: bool = False,
         micro_batch_size: int | None = None,
+        checkpointing: bool = False,
     ):
         self.model = model
         self.pool = pool
@@ -89,6 +92,7 @@ class CalibrationScorer:
         self.autocast = autocast
         self.collect_grams = collect_grams
         self.micro_batch_size = micro_batch_size  # sequences per forward/backward pass; None: whole batches
+        self.checkpointing = checkpointing  # recompute each layer's activations in the backward pass
         self.grams: GramStatistics | None = None  # created at the first pass, over the layers it is given
         self._calls = 0
         self._last: StaticScorer | None = None
@@ -112,7 +116,8 @@ class CalibrationScorer:
         return cls(model, pool, config.layer_importance, config.group_importance, config.seed, progress,
                    rescore_every=config.rescore_every, autocast=config.calibration_autocast,
                    collect_grams=config.refits(while_training),
-                   micro_batch_size=config.calibration_micro_batch_size)  # fmt: skip
+                   micro_batch_size=config.calibration_micro_batch_size,
+                   checkpointing=config.calibration_checkpointing)  # fmt: skip
 
     def __call__(self, layers: Sequence[LayerModules], head_dim: int) -> tuple[torch.Tensor, list[GroupScores]]:
         self._calls += 1
@@ -139,7 +144,7 @@ class CalibrationScorer:
                     p.grad = torch.zeros_like(p)
             if self.collect_grams and self.grams is None:
                 self.grams = GramStatistics(layers)
-            self._run(collector, needs_grad)
+            self._run(layers, collector, needs_grad)
             scores = [group_scores(lm, head_dim, self.group_metric, self.generator) for lm in layers]
         finally:
             for p, (requires_grad, grad) in zip(params, saved):
@@ -148,7 +153,7 @@ class CalibrationScorer:
             self.model.train(was_training)
         return collector.importance(), scores
 
-    def _run(self, collector: LayerSimilarityCollector, needs_grad: bool) -> None:
+    def _run(self, layers: Sequence[LayerModules], collector: LayerSimilarityCollector, needs_grad: bool) -> None:
         device = next(self.model.parameters()).device
         autocast = autocast_dtype(self.autocast, self.model)
         passes = [part for batch in self.pool.sample() for part in micro_batches(batch, self.micro_batch_size)]
@@ -164,7 +169,9 @@ class CalibrationScorer:
             )
         bar = tqdm(total=len(passes), desc="calibration", leave=False, disable=not self.progress)
         grams = self.grams if self.grams is not None else contextlib.nullcontext()
-        with collector, grams, torch.set_grad_enabled(needs_grad):
+        recompute = needs_grad and self.checkpointing and not has_sharded_parameters(self.model)
+        with collector, grams, recomputed([lm.layer for lm in layers] if recompute else []), \
+                torch.set_grad_enabled(needs_grad):  # fmt: skip
             for batch, n_predicted in zip(passes, predicted):
                 input_ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
@@ -208,6 +215,24 @@ def autocast_dtype(setting: str, model: nn.Module) -> torch.dtype | None:
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in other torch versions
     return torch.bfloat16 if device.type == "cpu" and amx is not None and amx() else None
+
+
+@contextlib.contextmanager
+def recomputed(layers: Sequence[nn.Module]):
+    """Inside, each of `layers` keeps only its inputs for the backward pass and recomputes its activations there
+    (non-reentrant `torch.utils.checkpoint` around its forward): a forward/backward pass then holds one layer's
+    activations at a time instead of every layer's. The layers' own hooks run once, outside the recomputation."""
+    saved = [layer.__dict__.get("forward") for layer in layers]  # an instance-level forward (e.g. accelerate's)
+    for layer in layers:
+        layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def micro_batches(batch: dict[str, torch.Tensor], size: int | None) -> list[dict[str, torch.Tensor]]:

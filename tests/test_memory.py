@@ -1,4 +1,5 @@
-"""Memory savings of a prune event that must not change what it computes: calibration micro-batches."""
+"""Memory savings of a prune event that must not change what it computes: calibration micro-batches, recomputed
+layer activations, packed Gram matrices."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hf_adapt_pruner import PrunerConfig
 from hf_adapt_pruner.architectures import get_architecture, layer_modules
 from hf_adapt_pruner.data import CalibrationPool
 from hf_adapt_pruner.reconstruction import GramStatistics
-from hf_adapt_pruner.scorers import CalibrationScorer, micro_batches
+from hf_adapt_pruner.scorers import CalibrationScorer, micro_batches, recomputed
 
 from tiny_models import MODEL_TYPES, calibration_blocks, tiny_model
 
@@ -24,13 +25,13 @@ def padded_batches() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": ids[:4], "attention_mask": mask[:4]}, {"input_ids": ids[4:], "attention_mask": mask[4:]}]
 
 
-def measure(model, micro_batch_size: int | None):
+def measure(model, micro_batch_size: int | None, checkpointing: bool = False):
     """(layer importance, group scores, Gram matrices) of one calibration measurement."""
     layers = layer_modules(model, get_architecture(model.config.model_type))
     head_dim = model.config.head_dim
     pool = CalibrationPool(padded_batches(), num_samples=8, batch_size=4, seed=0)
     scorer = CalibrationScorer(model, pool, "cosine", "taylor", seed=0, progress=False, collect_grams=True,
-                               micro_batch_size=micro_batch_size)  # fmt: skip
+                               micro_batch_size=micro_batch_size, checkpointing=checkpointing)  # fmt: skip
     importance, scores = scorer(layers, head_dim)
     return importance, scores, scorer.grams
 
@@ -40,13 +41,64 @@ def test_micro_batches_give_the_scores_and_statistics_of_whole_batches(model_typ
     model = tiny_model(model_type, gqa_ratio=3, layers=2)
     whole = measure(model, None)
     split = measure(model, size)  # one sequence per pass; parts of unequal sizes (3 + 1)
-    torch.testing.assert_close(split[0], whole[0], rtol=1e-5, atol=1e-7)
-    for a, b in zip(split[1], whole[1]):
+    assert_same_measurement(split, whole)
+    assert whole[2].tokens == int(sum(b["attention_mask"].sum() for b in padded_batches()))
+
+
+def assert_same_measurement(a, b) -> None:
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-7)
+    for x, y in zip(a[1], b[1]):
         for name in ("q_heads", "kv_heads", "channels"):
-            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-9)
-    assert split[2].tokens == whole[2].tokens == int(sum(b["attention_mask"].sum() for b in padded_batches()))
-    for key, gram in whole[2].grams.items():
-        torch.testing.assert_close(split[2].grams[key], gram, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=1e-4, atol=1e-9)
+    assert a[2].tokens == b[2].tokens
+    for key, gram in b[2].grams.items():
+        torch.testing.assert_close(a[2].grams[key], gram, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_recomputed_layers_give_the_same_scores_and_count_each_token_once(model_type):
+    model = tiny_model(model_type, gqa_ratio=3, layers=2)
+    layers = layer_modules(model, get_architecture(model_type))
+    recomputed = measure(model, 2, checkpointing=True)
+    assert all("forward" not in lm.layer.__dict__ for lm in layers)  # the class's forward again
+    assert_same_measurement(recomputed, measure(model, 2))
+
+
+def saved_bytes(model, checkpointing: bool) -> int:
+    """Bytes autograd keeps for the backward pass of one calibration forward."""
+    layers = [lm.layer for lm in layer_modules(model, get_architecture(model.config.model_type))]
+    sizes = []
+
+    def pack(tensor):
+        sizes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    ids = calibration_blocks(2, 32)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recomputed(layers if checkpointing else []):
+        model(ids, labels=ids, use_cache=False).loss.backward()  # as the scorer runs it
+    return sum(sizes)
+
+
+def test_recomputed_layers_keep_less_for_the_backward_pass():
+    model = tiny_model("llama", layers=4)
+    kept, plain = saved_bytes(model, True), saved_bytes(model, False)
+    assert kept < 0.6 * plain, (kept, plain)
+
+
+def test_gram_matrices_count_each_token_once_under_the_trainers_activation_checkpointing():
+    counts = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama", layers=2).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        grams = GramStatistics(layer_modules(model, get_architecture("llama")))
+        batch = calibration_blocks(2, 8)
+        with grams:
+            model(batch, labels=batch).loss.backward()
+        counts.append((grams.tokens, [g.clone() for g in grams.grams.values()]))
+    assert counts[0][0] == counts[1][0] == 16
+    for a, b in zip(counts[0][1], counts[1][1]):
+        torch.testing.assert_close(a, b)
 
 
 def test_no_pass_holds_more_sequences_than_the_micro_batch():
