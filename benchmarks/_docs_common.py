@@ -80,3 +80,26 @@ def grouped(rows: list[dict], key: str, names: list[str], columns: list[str], fi
         cells = [label(value), *fixed(group), *(seeds(group, f"ppl {n}") for n in names)]
         lines.append(f"| {' | '.join(cells)} |")
     return [*lines, ""]
+
+
+def main_job_comparison(result: dict, title: str, field: str, scores: str) -> list[str]:
+    """A section of a `_main_job.compare` result: one row per value of the compared `Spec` field, mean (each seed)."""
+    original, rows = result["rows"][0], result["rows"][1:]
+    default = {"reconstruction": "none", "layout": "adaptive"}.get(field)
+    lines = [f"## {title}", "",
+             f"{result['model']} to keep {result['target_ratio']} in {result['stages']} prune events over "
+             f"{result['steps']} steps of {result['batch']} of python3.11-doc, distillation alpha "
+             f"{result['distill_alpha']}, {scores}. Held-out perplexity on {result['eval_tokens']:,} tokens of "
+             f"python3.11-doc files never trained on (original {original['ppl_in_domain']:.2f}) and of git-doc "
+             f"(original {original['ppl_other_source']:.2f}); cloze: zero-shot accuracy on "
+             f"{result['cloze']['questions']} 4-way questions from git-doc prose (original "
+             f"{original['cloze']['acc']:.3f}); mean (each seed). " + note(result), "",
+             f"| {field} | ppl python3.11-doc | ppl git-doc | cloze | train s |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for value in result["summary"]:
+        group = [r for r in rows if r["spec"].get(field, default) == value]
+        cloze = [{"cloze": r["cloze"]["acc"]} for r in group]
+        seconds = statistics.mean(r["train_seconds"] for r in group)
+        lines.append(f"| {value} | {seeds(group, 'ppl_in_domain')} | {seeds(group, 'ppl_other_source')} | "
+                     f"{seeds(cloze, 'cloze')} | {seconds:.0f} |")  # fmt: skip
+    return [*lines, ""]

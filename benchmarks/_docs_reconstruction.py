@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from _docs_common import note, originals, plt, seeds, sources
+from _docs_common import main_job_comparison, note, originals, plt, sources
 
 
 MODES = ("none", "least_squares")
@@ -83,26 +83,9 @@ def reconstruction_section(results: list[dict], docs: Path) -> list[str]:
 
 
 def reconstruction_main_job_section(result: dict, docs: Path) -> list[str]:
-    original, rows = result["rows"][0], result["rows"][1:]
-    lines = ["## Main job with and without least-squares reconstruction", "",
-             f"{result['model']} to keep "
-             f"{result['target_ratio']} in "
-             f"{result['stages']} prune events over {result['steps']} steps of {result['batch']} of python3.11-doc, "
-             f"distillation alpha {result['distill_alpha']}, Taylor scores and Gram matrices from the training steps "
-             f"before each event. Held-out perplexity on {result['eval_tokens']:,} tokens of python3.11-doc files "
-             f"never trained on (original {original['ppl_in_domain']:.2f}) and of git-doc (original "
-             f"{original['ppl_other_source']:.2f}); cloze: zero-shot accuracy on {result['cloze']['questions']} "
-             f"4-way questions from git-doc prose (original {original['cloze']['acc']:.3f}); mean (each seed). "
-             + note(result), "",
-             "| reconstruction | ppl python3.11-doc | ppl git-doc | cloze | train s |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
-    for mode in MODES:
-        group = [r for r in rows if r["spec"].get("reconstruction", "none") == mode]
-        cloze = [{"cloze": r["cloze"]["acc"]} for r in group]
-        seconds = statistics.mean(r["train_seconds"] for r in group)
-        lines.append(f"| {mode} | {seeds(group, 'ppl_in_domain')} | {seeds(group, 'ppl_other_source')} | "
-                     f"{seeds(cloze, 'cloze')} | {seconds:.0f} |")  # fmt: skip
-    return [*lines, ""]
+    title = "Main job with and without least-squares reconstruction"
+    scores = "Taylor scores and Gram matrices from the training steps before each event"
+    return main_job_comparison(result, title, "reconstruction", scores)
 
 
 def reconstruction_time_section(result: dict, docs: Path) -> list[str]:

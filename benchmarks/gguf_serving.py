@@ -3,7 +3,10 @@ llama-cpp-python. Reports generation tokens/s against the unpruned model at the 
 ratio), fidelity of the f32 export (top-1 agreement, max |logit diff| against transformers on the same weights), and
 held-out perplexity of the f16 / q8_0 exports against the transformers model. Prints and writes JSON.
 
-    python benchmarks/gguf_serving.py [--smoke] [--ratios 0.8 0.6] [--new-tokens 64] [--repeats 3]
+    python benchmarks/gguf_serving.py [--smoke] [--ratios 0.8 0.6] [--layouts adaptive] [--new-tokens 64] [--repeats 3]
+
+`--layouts adaptive uniform` prunes each ratio with both layouts (`PrunerConfig.layout`): the uniform model is an
+ordinary `llama` GGUF, the adaptive one llama.cpp's `deci` graph with per-layer widths.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval-blocks", type=int, default=8)
+    p.add_argument("--layouts", nargs="+", default=["adaptive"], choices=["adaptive", "uniform"])
     args = p.parse_args()
     torch.manual_seed(0)
     if args.smoke:
@@ -79,16 +83,19 @@ def main() -> None:
     seq_len = 32 if args.smoke else 128
     calibration, evaluation = text_blocks(tokenizer, args.smoke, args.text_dir, seq_len, 64, args.eval_blocks + 1)
     prompt, evaluation = evaluation[0].tolist(), evaluation[1:]
-    models = {1.0: model}
+    models = {(1.0, "original"): model}
     for ratio in args.ratios:
-        models[ratio] = copy.deepcopy(model)
-        config = PrunerConfig(target_ratio=ratio, inner_steps=3, calibration_samples=8, calibration_seq_len=seq_len)
-        prune_model(models[ratio], config, calibration, progress=False)
+        for layout in args.layouts:
+            models[ratio, layout] = copy.deepcopy(model)
+            config = PrunerConfig(target_ratio=ratio, inner_steps=3, calibration_samples=8,
+                                  calibration_seq_len=seq_len, layout=layout)  # fmt: skip
+            prune_model(models[ratio, layout], config, calibration, progress=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for ratio, pruned in models.items():
-            row = {"keep": ratio, "params": count_parameters(pruned), "hf_perplexity": perplexity(pruned, evaluation)}
-            path = export_gguf(pruned, Path(tmp) / f"{ratio}-f32.gguf", dtype="f32", tokenizer=source)
+        for (ratio, layout), pruned in models.items():
+            row = {"keep": ratio, "layout": layout, "params": count_parameters(pruned),
+                   "hf_perplexity": perplexity(pruned, evaluation)}  # fmt: skip
+            path = export_gguf(pruned, Path(tmp) / f"{ratio}-{layout}-f32.gguf", dtype="f32", tokenizer=source)
             with torch.no_grad():
                 expected = pruned(torch.tensor([prompt])).logits[0].double().numpy()
             llm = llama(path, 2 * seq_len)
@@ -97,7 +104,7 @@ def main() -> None:
             row["f32_top1_agreement"] = float((actual.argmax(-1) == expected.argmax(-1)).mean())
             row["f32_max_abs_logit_diff"] = float(np.abs(actual - expected).max())
             for dtype in ("f16", "q8_0"):
-                path = export_gguf(pruned, Path(tmp) / f"{ratio}-{dtype}.gguf", dtype=dtype, tokenizer=source)
+                path = export_gguf(pruned, Path(tmp) / f"{ratio}-{layout}-{dtype}.gguf", dtype=dtype, tokenizer=source)
                 llm = llama(path, 2 * seq_len)
                 row[f"{dtype}_bytes"] = path.stat().st_size
                 row[f"{dtype}_perplexity"] = cpp_perplexity(llm, evaluation)

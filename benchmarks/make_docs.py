@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from _docs_common import grouped, label, load, measured, note, originals, plt, seeds, setting_row, sources
+from _docs_layouts import uniform_main_job_section, uniform_one_shot_section
 from _docs_reconstruction import (
     reconstruction_main_job_section,
     reconstruction_section,
@@ -277,20 +278,26 @@ def distributed_section(result: dict, docs: Path) -> list[str]:
     return [*lines, ""]
 
 
-def serving_section(result: dict, docs: Path) -> list[str]:
-    lines = ["## Serving with llama.cpp (GGUF export)", "",
+def serving_section(result: dict, docs: Path, title: str = "Serving with llama.cpp (GGUF export)") -> list[str]:
+    lines = [f"## {title}", "",
              f"{result['engine']}; generation of {result['new_tokens']} tokens after a 16-token prompt (greedy, "
              f"median of {result['repeats']}); perplexity on {result['eval_tokens']:,} held-out tokens ({FIRST}). f32 "
              "fidelity: the f32 export in llama.cpp against transformers on the same weights, one block.", "",
-             "| keep | parameters | HF ppl | f32 top-1 agree | f32 max abs diff | f16 ppl | q8_0 ppl | f16 tok/s "
-             "| q8_0 tok/s | q8_0 speed-up | ideal |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| keep | layout | parameters | HF ppl | f32 top-1 agree | f32 max abs diff | f16 ppl | q8_0 ppl "
+             "| f16 tok/s | q8_0 tok/s | q8_0 speed-up | ideal |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
-        lines.append(f"| {r['keep']} | {r['params']:,} | {r['hf_perplexity']:.2f} | {r['f32_top1_agreement']:.0%} | "
+        layout = r.get("layout", "adaptive") if r["keep"] < 1 else "—"
+        lines.append(f"| {r['keep']} | {layout} | {r['params']:,} | {r['hf_perplexity']:.2f} | "
+                     f"{r['f32_top1_agreement']:.0%} | "
                      f"{r['f32_max_abs_logit_diff']:.1e} | {r['f16_perplexity']:.2f} | {r['q8_0_perplexity']:.2f} | "
                      f"{r['f16_tokens_per_s']:.0f} | {r['q8_0_tokens_per_s']:.0f} | {r['q8_0_speedup']:.2f}x | "
                      f"{1 / r['param_ratio']:.2f}x |")  # fmt: skip
     return [*lines, ""]
+
+
+def layouts_serving_section(result: dict, docs: Path) -> list[str]:
+    return serving_section(result, docs, "Each layout served with llama.cpp")
 
 
 def link(heading: str) -> str:
@@ -327,12 +334,19 @@ def main() -> None:
         settings += [setting_row(link(part[0]), r) for r in sweeps]
         sections += part
     for name, section in (("reconstruction_time", reconstruction_time_section),
-                          ("reconstruction_main_job", reconstruction_main_job_section)):  # fmt: skip
+                          ("reconstruction_main_job", reconstruction_main_job_section),
+                          ("uniform_main_job", uniform_main_job_section),
+                          ("gguf_serving_layouts", layouts_serving_section)):  # fmt: skip
         result = load(args.results, name)
         if result:
             part = section(result, args.docs)
             settings.append(setting_row(link(part[0]), result))
             sections += part
+    uniform = load(args.results, "uniform_layout")
+    if uniform and sweeps:
+        part = uniform_one_shot_section(uniform, sweeps)
+        settings.append(setting_row(link(part[0]), uniform))
+        sections += part
     distillations = measured(args.results, "distillation")  # one section per budget, events and learning rate
     for result in sorted(
         distillations, key=lambda r: (r["steps"], r["stages"], r["rows"][1]["spec"]["learning_rate"])

@@ -10,7 +10,7 @@ bytes = a * params + b * tokens (tokens of one forward/backward pass), and a pro
     OMP_NUM_THREADS=1 python benchmarks/prune_memory.py [--smoke] [--rows smollm2-135m:float32,...]
 
 A row is `model:dtype[:tokens per pass][:samples=N][:recompute]`: `samples=N` calibration sequences instead of 2,
-`recompute` with `calibration_checkpointing=True`.
+`recompute` with `calibration_checkpointing="on"` (else `"off"`).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def one_shot(row: str, smoke: bool) -> dict:
     recompute = "recompute" in rest
     model, calibration = build(name, DTYPES[dtype], smoke, seq_len)
     config = PrunerConfig(target_ratio=0.7, inner_steps=1, calibration_samples=samples, calibration_seq_len=seq_len,
-                          calibration_checkpointing=recompute)  # fmt: skip
+                          calibration_checkpointing="on" if recompute else "off")  # fmt: skip
     params, weights = count_parameters(model), weight_bytes(model)
     before = status("VmRSS:")
     reset_peak()
@@ -209,7 +209,7 @@ def main() -> None:
                                                     ONE_SHOT_ROWS + RECOMPUTE_ROWS + CALLBACK_ROWS)  # fmt: skip
     results = []
     for row in rows:
-        need, available = 4.0 * estimated_weight_bytes(row), status_meminfo("MemAvailable:")
+        need, available = 3.0 * estimated_weight_bytes(row), status_meminfo("MemAvailable:")  # weights + ~2x
         if need > available:  # leave the machine's other work alone rather than risk the OOM killer
             skipped = f"skipped: needs ~{need / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
             results.append({"row": row, "error": skipped})

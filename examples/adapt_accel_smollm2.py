@@ -53,7 +53,7 @@ OTHER_TEXT_DIR = "/usr/share/doc/git-doc"  # English from another source, never 
 OUTPUT = "outputs/smollm2-adapt-accel"
 RECOVERY_FRACTION = 0.2  # steps after the last prune event; the learning rate decays over them (WSD, as the paper)
 PROMPT = "In Python, a decorator is"  # plain continuation: the training text is prose, not chat
-EXPECTED_MINUTES = 13.4  # CPU time of the default job on one core of an AMD EPYC without AMX (docs/benchmarks.md)
+EXPECTED_MINUTES = 6.7  # the defaults on 2 cores of an AMD EPYC without AMX, nothing else running (docs/benchmarks.md)
 RELOAD_AND_GENERATE = """
 import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,8 +82,8 @@ torch.manual_seed(0)
 multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched with torchrun / accelerate launch
 start = time.perf_counter()
 compare = ", about three times as long with --compare" if args.compare else ""
-print(f"Expected time at the defaults: at most about {EXPECTED_MINUTES:.0f} minutes on a CPU without AMX (one core; "
-      f"2 cores take less){compare}. The Trainer's progress bar shows each training run.", flush=True)  # fmt: skip
+print(f"Expected time at the defaults: about {EXPECTED_MINUTES:.0f} minutes on 2 cores of a CPU without AMX (about "
+      f"twice that on one){compare}. The Trainer's progress bar shows each training run.", flush=True)  # fmt: skip
 
 
 def phase(text: str) -> None:

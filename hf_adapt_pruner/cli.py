@@ -71,8 +71,7 @@ def _add_prune_parser(subparsers) -> None:
     fields = {f.name: f for f in dataclasses.fields(PrunerConfig)}
     for name in TUNABLE:
         f = fields[name]
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
-        p.add_argument(f"--{name.replace('_', '-')}", default=f.default, help=f.metadata["help"], **kind)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.metadata["help"])
 
 
 def _add_calibration_arguments(p) -> None:

@@ -80,7 +80,7 @@ class CalibrationScorer:
         autocast: str = "off",
         collect_grams: bool = False,
         micro_batch_size: int | None = None,
-        checkpointing: bool = False,
+        checkpointing: str = "auto",
     ):
         self.model = model
         self.pool = pool
@@ -92,7 +92,7 @@ class CalibrationScorer:
         self.autocast = autocast
         self.collect_grams = collect_grams
         self.micro_batch_size = micro_batch_size  # sequences per forward/backward pass; None: whole batches
-        self.checkpointing = checkpointing  # recompute each layer's activations in the backward pass
+        self.checkpointing = checkpointing  # recompute layers' activations in the backward pass: auto / on / off
         self.grams: GramStatistics | None = None  # created at the first pass, over the layers it is given
         self._calls = 0
         self._last: StaticScorer | None = None
@@ -169,7 +169,7 @@ class CalibrationScorer:
             )
         bar = tqdm(total=len(passes), desc="calibration", leave=False, disable=not self.progress)
         grams = self.grams if self.grams is not None else contextlib.nullcontext()
-        recompute = needs_grad and self.checkpointing and not has_sharded_parameters(self.model)
+        recompute = needs_grad and recomputes(self.checkpointing, self.model, layers, passes)
         with collector, grams, recomputed([lm.layer for lm in layers] if recompute else []), \
                 torch.set_grad_enabled(needs_grad):  # fmt: skip
             for batch, n_predicted in zip(passes, predicted):
@@ -215,6 +215,23 @@ def autocast_dtype(setting: str, model: nn.Module) -> torch.dtype | None:
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in other torch versions
     return torch.bfloat16 if device.type == "cpu" and amx is not None and amx() else None
+
+
+RECOMPUTE_ABOVE = 64 * 2**20  # bytes of activations one pass would keep, above which `auto` recomputes them
+
+
+def recomputes(setting: str, model: nn.Module, layers: Sequence[LayerModules], passes: list[dict]) -> bool:
+    """Whether calibration passes recompute layer activations (`PrunerConfig.calibration_checkpointing`). `auto`
+    estimates what a pass keeps for its backward: about two tensors per linear output of every layer (the outputs,
+    and the norms, activations and residuals beside them), for the pass with the most tokens."""
+    if setting == "off" or has_sharded_parameters(model):
+        return False
+    if setting == "on":
+        return True
+    tokens = max(batch["input_ids"].numel() for batch in passes)
+    widths = sum(m.out_features for lm in layers for m in lm.layer.modules() if isinstance(m, nn.Linear))
+    element = next(model.parameters()).element_size()
+    return 2 * tokens * widths * element > RECOMPUTE_ABOVE
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from hf_adapt_pruner import PrunerConfig
 from hf_adapt_pruner.architectures import get_architecture, layer_modules
 from hf_adapt_pruner.data import CalibrationPool
 from hf_adapt_pruner.reconstruction import GramStatistics
-from hf_adapt_pruner.scorers import CalibrationScorer, micro_batches, recomputed
+from hf_adapt_pruner.scorers import CalibrationScorer, micro_batches, recomputed, recomputes
 
 from tiny_models import MODEL_TYPES, calibration_blocks, tiny_model
 
@@ -25,7 +25,7 @@ def padded_batches() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": ids[:4], "attention_mask": mask[:4]}, {"input_ids": ids[4:], "attention_mask": mask[4:]}]
 
 
-def measure(model, micro_batch_size: int | None, checkpointing: bool = False):
+def measure(model, micro_batch_size: int | None, checkpointing: str = "off"):
     """(layer importance, group scores, Gram matrices) of one calibration measurement."""
     layers = layer_modules(model, get_architecture(model.config.model_type))
     head_dim = model.config.head_dim
@@ -59,7 +59,7 @@ def assert_same_measurement(a, b) -> None:
 def test_recomputed_layers_give_the_same_scores_and_count_each_token_once(model_type):
     model = tiny_model(model_type, gqa_ratio=3, layers=2)
     layers = layer_modules(model, get_architecture(model_type))
-    recomputed = measure(model, 2, checkpointing=True)
+    recomputed = measure(model, 2, checkpointing="on")
     assert all("forward" not in lm.layer.__dict__ for lm in layers)  # the class's forward again
     assert_same_measurement(recomputed, measure(model, 2))
 
@@ -83,6 +83,14 @@ def test_recomputed_layers_keep_less_for_the_backward_pass():
     model = tiny_model("llama", layers=4)
     kept, plain = saved_bytes(model, True), saved_bytes(model, False)
     assert kept < 0.6 * plain, (kept, plain)
+
+
+def test_auto_recomputes_where_a_pass_would_keep_much():
+    model = tiny_model("llama")  # about 2,000 output features over its 3 layers: 64 MiB at about 4,000 tokens
+    layers = layer_modules(model, get_architecture("llama"))
+    short, long = [{"input_ids": torch.zeros(1, 32, dtype=torch.long)}], [{"input_ids": torch.zeros(2, 4096)}]
+    assert not recomputes("auto", model, layers, short) and recomputes("auto", model, layers, long)
+    assert recomputes("on", model, layers, short) and not recomputes("off", model, layers, long)
 
 
 def test_gram_matrices_count_each_token_once_under_the_trainers_activation_checkpointing():
