@@ -8,12 +8,14 @@ from .data import CalibrationPool, token_blocks
 from .distillation import DistillationConfig
 from .gguf_export import export_gguf
 from .history import pruning_history
+from .hub import push_pruned_to_hub
 from .layout import LAYOUT_KEY, LayerWidths, PrunedLayout
+from .one_shot import prune_model
 from .plans import LayerGeometry
-from .pruner import AdaptivePruner, count_parameters, current_layout, materialize_masks, prune_model
+from .pruner import AdaptivePruner, count_parameters, current_layout, materialize_masks
 from .report import LayerReport, PruneReport
 from .scorers import CalibrationScorer, StaticScorer
-from .serialization import check_weights_match_layout, load_pruned, push_pruned_to_hub, save_pruned
+from .serialization import check_weights_match_layout, load_pruned, save_pruned
 from .version import __version__
 
 

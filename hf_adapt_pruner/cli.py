@@ -27,7 +27,8 @@ from .config import PrunerConfig
 from .data import check_token_ids, open_dataset, read_texts, split_files, text_files, token_blocks
 from .evaluation import generate_sample, generation_speed, perplexity
 from .gguf_export import GGUF_DTYPES, export_gguf
-from .pruner import checked_pruner, count_parameters, prune_model
+from .one_shot import checked_pruner, prune_model
+from .pruner import count_parameters
 from .serialization import load_for_pruning, save_pruned
 
 
