@@ -23,7 +23,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
      ("memory", "rss_peak_bytes"), ("incremental_vs_one_shot", "rows"), ("distributed", "runs"),
      ("gguf_serving", "rows"), ("distillation", "summary"), ("stages_budget", "summary"), ("layout_files", "rows"),
      ("prune_memory", "rows"), ("reconstruction", "mean"), ("reconstruction_time", "mean_seconds"),
-     ("reconstruction_main_job", "summary")],
+     ("reconstruction_main_job", "summary"), ("uniform_main_job", "summary")],
 )  # fmt: skip
 def test_benchmark_smoke(script, key, tmp_path):
     if script == "gguf_serving" and importlib.util.find_spec("llama_cpp") is None:
