@@ -71,7 +71,7 @@ class PrunerConfig:
             the calibration backward pass and recomputes the layer's activations there (`torch.utils.checkpoint`), so
             a pass holds one layer's activations instead of every layer's; same scores. SmolLM2-135M one-shot (16
             sequences, float32): peak 1.49-1.54x the weights above the loaded model against 1.88-2.69x with `off`,
-            for about 7 % more time (docs/guides/memory.md). `auto` recomputes where one pass would otherwise keep
+            for 7-14 % more time (docs/guides/memory.md). `auto` recomputes where one pass would otherwise keep
             more than 64 MiB of activations (estimated from the tokens per pass and the layers' widths: SmolLM2-135M
             with 128-token passes keeps about 160 MB); below that, recomputing costs time and saves little. Never
             under FSDP2 (mask mode), whose layers gather their shards around their own forward.
@@ -196,7 +196,7 @@ class PrunerConfig:
         metadata={
             "help": "Recompute each decoder layer's activations in the calibration backward pass instead of keeping "
             "them (same scores): on, off, or auto (where one pass would keep more than 64 MiB of activations). A "
-            "SmolLM2-135M prune peaks at 1.5x the weights instead of 1.9-2.7x, for about 7 % more time."
+            "SmolLM2-135M prune peaks at 1.5x the weights instead of 1.9-2.7x, for 7-14 % more time."
         },
     )
     calibration_autocast: str = field(
