@@ -67,14 +67,10 @@ class PrunerConfig:
             micro-batch's activations and logits are alive at a time. E.g. 8 x 128-token sequences of SmolLM2-135M
             in float32: a pass of 1 sequence reached up to 0.5 GB, a pass of all 8 about 2.5 GB
             (docs/guides/memory.md). Raise it for speed when memory allows.
-        calibration_checkpointing (`str`, defaults to `"auto"`): `on` keeps only each decoder layer's input for
-            the calibration backward pass and recomputes the layer's activations there (`torch.utils.checkpoint`), so
-            a pass holds one layer's activations instead of every layer's; same scores. SmolLM2-135M one-shot (16
-            sequences, float32): peak 1.49-1.54x the weights above the loaded model against 1.88-2.69x with `off`,
-            for 7-14 % more time (docs/guides/memory.md). `auto` recomputes where one pass would otherwise keep
-            more than 64 MiB of activations (estimated from the tokens per pass and the layers' widths: SmolLM2-135M
-            with 128-token passes keeps about 160 MB); below that, recomputing costs time and saves little. Never
-            under FSDP2 (mask mode), whose layers gather their shards around their own forward.
+        calibration_checkpointing (`str`, defaults to `"auto"`): `on` recomputes each decoder layer's activations in
+            the calibration backward pass instead of keeping them (same scores); `auto` does so where one pass would
+            keep more than 64 MiB of activations (SmolLM2-135M at 128 tokens: about 160 MB); never under FSDP2. Peak
+            and time: docs/guides/memory.md.
         calibration_autocast (`str`, defaults to `"auto"`): run the calibration forward/backward of a float32 model
             under bfloat16 autocast (`bfloat16`), not (`off`), or where the device multiplies bfloat16 in hardware
             (`auto`: GPUs with native bfloat16, CPUs with AMX). Scores are summed in float32 either way.
