@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import matplotlib
+from _main_job import variant_rows
 
 
 matplotlib.use("Agg")
@@ -82,11 +83,10 @@ def grouped(rows: list[dict], key: str, names: list[str], columns: list[str], fi
     return [*lines, ""]
 
 
-def main_job_comparison(result: dict, title: str, field: str, scores: str) -> list[str]:
-    """A section of a `_main_job.compare` result: one row per value of the compared `Spec` field, mean (each seed).
-    No times: the runs of one result may have shared the machine differently."""
+def main_job_comparison(result: dict, title: str, scores: str) -> list[str]:
+    """A section of a `_main_job.compare` result: one row per variant, mean (each seed). No times: the runs of one
+    result may have shared the machine differently."""
     original, rows = result["rows"][0], result["rows"][1:]
-    default = {"reconstruction": "none", "layout": "adaptive"}.get(field)
     lines = [f"## {title}", "",
              f"{result['model']} to keep {result['target_ratio']} in {result['stages']} prune events over "
              f"{result['steps']} steps of {result['batch']} of python3.11-doc, distillation alpha "
@@ -95,11 +95,11 @@ def main_job_comparison(result: dict, title: str, field: str, scores: str) -> li
              f"(original {original['ppl_other_source']:.2f}); cloze: zero-shot accuracy on "
              f"{result['cloze']['questions']} 4-way questions from git-doc prose (original "
              f"{original['cloze']['acc']:.3f}); mean (each seed). " + note(result), "",
-             f"| {field} | ppl python3.11-doc | ppl git-doc | cloze |",
+             "| | ppl python3.11-doc | ppl git-doc | cloze |",
              "|---|---:|---:|---:|"]  # fmt: skip
-    for value in result["summary"]:
-        group = [r for r in rows if r["spec"].get(field, default) == value]
+    for label, fields in result["variants"].items():
+        group = variant_rows(rows, fields)
         cloze = [{"cloze": r["cloze"]["acc"]} for r in group]
-        lines.append(f"| {value} | {seeds(group, 'ppl_in_domain')} | {seeds(group, 'ppl_other_source')} | "
+        lines.append(f"| {label} | {seeds(group, 'ppl_in_domain')} | {seeds(group, 'ppl_other_source')} | "
                      f"{seeds(cloze, 'cloze')} |")  # fmt: skip
     return [*lines, ""]

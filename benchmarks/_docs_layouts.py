@@ -33,5 +33,5 @@ def uniform_one_shot_section(uniform: dict, adaptive: list[dict]) -> list[str]:
 
 
 def uniform_main_job_section(result: dict, docs: Path) -> list[str]:
-    return main_job_comparison(result, "Uniform against adaptive layout in the main job", "layout",
+    return main_job_comparison(result, "Uniform against adaptive layout in the main job",
                                "Taylor scores from the training gradients")  # fmt: skip

@@ -85,7 +85,7 @@ def reconstruction_section(results: list[dict], docs: Path) -> list[str]:
 def reconstruction_main_job_section(result: dict, docs: Path) -> list[str]:
     title = "Main job with and without least-squares reconstruction"
     scores = "Taylor scores and Gram matrices from the training steps before each event"
-    return main_job_comparison(result, title, "reconstruction", scores)
+    return main_job_comparison(result, title, scores)
 
 
 def reconstruction_time_section(result: dict, docs: Path) -> list[str]:

@@ -35,11 +35,13 @@ from _common import OTHER_TEXT_DIR, TEXT_DIR, load_model, other_source_texts, pa
 from _mc_task import ClozeTask, build_cloze_task, prose_paragraphs, run_lm_eval
 from callback_overhead import StepTimer
 from memory import PeakRSS, rss_bytes
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_adapt_pruner import AdaptPrunerCallback, DistillationConfig, PrunerConfig, count_parameters, save_pruned
+from hf_adapt_pruner.checks import torch_optimizer
 from hf_adapt_pruner.data import token_blocks
 from hf_adapt_pruner.evaluation import perplexity
+from hf_adapt_pruner.reconstruction import consumers
 
 
 TASK = "gitdoc_cloze"
@@ -62,6 +64,8 @@ class Spec:
     bf16: bool = False  # train under bfloat16 autocast (evaluation stays float32)
     teacher_dtype: str | None = None  # DistillationConfig.teacher_dtype of a distilled run
     reconstruction: str = "none"  # PrunerConfig.reconstruction (rows measured before it existed had none)
+    reconstruction_damping: float = 0.01  # PrunerConfig.reconstruction_damping (rows without the field had 0.01)
+    reset_refit_state: bool = False  # drop the optimizer state of the weights each event refits (see ResetRefitState)
     layout: str = "adaptive"  # PrunerConfig.layout
     smoke: bool = False
     text_dir: str = TEXT_DIR
@@ -83,6 +87,8 @@ class Spec:
             "batch_size",
             "bf16",
             "reconstruction",
+            "reconstruction_damping",
+            "reset_refit_state",
             "layout",
         )
         ignored = ("text_dir", "other_text_dir", *(untrained if self.method == "original" else ()),
@@ -120,8 +126,30 @@ def spec(args, method: str, seed: int, stages: int, steps: int, temperature: flo
     return Spec(method=method, seed=seed, stages=stages, steps=steps, teacher_dtype=teacher_dtype, **common)
 
 
-def train(model, blocks, spec: Spec, callback, output_dir: str) -> dict:
-    """The main example's Trainer run; returns step times, peak memory and wall time."""
+class ResetRefitState(TrainerCallback):
+    """After each prune event of `pruner_callback` (listed before this one): drop the optimizer state (AdamW's moments
+    and step) of the consumer projections (`o_proj`, `down_proj`) of every layer that lost units, i.e. of the weights
+    the least-squares refit changed, so AdamW starts them afresh instead of continuing the moments of the old
+    weights. The alternative to what the callback does (slice the state and keep it)."""
+
+    def __init__(self, pruner_callback: AdaptPrunerCallback):
+        self.pruner_callback, self.events_seen, self.reset = pruner_callback, 0, 0
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        callback = self.pruner_callback
+        if callback.events_done == self.events_seen:
+            return
+        self.events_seen = callback.events_done
+        report, optimizer = callback.reports[-1], torch_optimizer(optimizer)
+        for lm, layer in zip(callback._pruner.layers, report.layers):
+            if layer.before.as_tuple() != layer.after.as_tuple():
+                for _, pruned in consumers(lm):
+                    self.reset += optimizer.state.pop(pruned.module.weight, None) is not None
+
+
+def train(model, blocks, spec: Spec, callback, output_dir: str, extra: list | None = None) -> dict:
+    """The main example's Trainer run (`extra`: more Trainer callbacks); returns step times, peak memory and wall
+    time."""
     training_args = TrainingArguments(
         output_dir=output_dir, max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
         learning_rate=spec.learning_rate, warmup_steps=max(1, spec.steps // 20),
@@ -132,7 +160,8 @@ def train(model, blocks, spec: Spec, callback, output_dir: str) -> dict:
     )  # fmt: skip
     timer = StepTimer()
     data = [{"input_ids": b, "labels": b} for b in blocks]
-    trainer = Trainer(model=model.train(), args=training_args, train_dataset=data, callbacks=[callback, timer])
+    trainer = Trainer(model=model.train(), args=training_args, train_dataset=data,
+                      callbacks=[callback, *(extra or []), timer])  # fmt: skip
     before, start = rss_bytes(), time.perf_counter()
     with PeakRSS() as peak:
         trainer.train()
@@ -165,10 +194,13 @@ def one_run(spec: Spec, task: ClozeTask) -> dict:
         config = PrunerConfig(target_ratio=0.7, num_stages=spec.stages, importance_window=2 if spec.smoke else 4,
                               recovery_fraction=spec.recovery_fraction, inner_steps=5, calibration_samples=16,
                               calibration_seq_len=spec.seq_len, reconstruction=spec.reconstruction,
-                              layout=spec.layout)  # fmt: skip
+                              reconstruction_damping=spec.reconstruction_damping, layout=spec.layout)  # fmt: skip
         with tempfile.TemporaryDirectory() as output_dir:  # its own prune_events.json (runs may be concurrent)
             callback = AdaptPrunerCallback(config, distillation=distillation)
-            row |= train(model, train_blocks, spec, callback, output_dir)
+            extra = [ResetRefitState(callback)] if spec.reset_refit_state else []
+            row |= train(model, train_blocks, spec, callback, output_dir, extra)
+            if extra:
+                row["optimizer_states_reset"] = extra[0].reset
     row |= {"params": count_parameters(model), "ppl_in_domain": perplexity(model, in_domain),
             "ppl_other_source": perplexity(model, other_source_blocks(tokenizer, spec))}  # fmt: skip
     inputs = tokenizer(PROMPT[spec.smoke], return_tensors="pt")
@@ -224,35 +256,43 @@ def run_all(args, specs: list[Spec]) -> tuple[list[dict], ClozeTask]:
     return rows, task
 
 
-def compare(name: str, description: str, field: str, values: tuple[str, ...]) -> None:
-    """A benchmark driver: the original model, then the main job with distillation (alpha 0.5) once for each value of
-    the `Spec` field `field` and each seed; writes `results/<name>.json` with the rows and the mean of each value."""
+def compare(name: str, description: str, variants: dict[str, dict]) -> None:
+    """A benchmark driver: the original model, then the main job with distillation (alpha 0.5) once for each variant
+    (label -> `Spec` fields that differ from the defaults) and each seed; writes `results/<name>.json` with the rows,
+    the variants and the mean of each."""
     p = parser(description)
     add_arguments(p)
     p.add_argument("--max-steps", type=int, default=80)
     p.add_argument("--num-stages", type=int, default=10)
+    p.add_argument("--variants", nargs="+", choices=list(variants), default=list(variants), help="Run only these.")
     args = p.parse_args()
     if args.smoke:
         args.seeds, args.max_steps, args.num_stages = args.seeds[:1], 8, 2
+    variants = {label: variants[label] for label in args.variants}
     specs = [spec(args, "original", args.seeds[0], args.num_stages, args.max_steps)]
-    specs += [dataclasses.replace(spec(args, "0.5", seed, args.num_stages, args.max_steps), **{field: value})
-              for seed in args.seeds for value in values]  # fmt: skip
+    specs += [dataclasses.replace(spec(args, "0.5", seed, args.num_stages, args.max_steps), **fields)
+              for seed in args.seeds for fields in variants.values()]  # fmt: skip
     rows, task = run_all(args, specs)
     summary = {}
-    for value in values:
-        chosen = [r for r in rows[1:] if getattr(Spec(**r["spec"]), field) == value]
-        summary[value] = {
+    for label, fields in variants.items():
+        chosen = variant_rows(rows[1:], fields)
+        summary[label] = {
             key: statistics.mean(r[key] for r in chosen)
             for key in ("ppl_in_domain", "ppl_other_source", "train_seconds", "rss_peak_train_bytes")
         }
-        summary[value]["cloze"] = statistics.mean(r["cloze"]["acc"] for r in chosen)
+        summary[label]["cloze"] = statistics.mean(r["cloze"]["acc"] for r in chosen)
     write(name, args, {
         "model": rows[0]["model"], "target_ratio": 0.7, "steps": args.max_steps, "stages": args.num_stages,
         "batch": f"{specs[0].batch_size} x {specs[0].seq_len} tokens", "seeds": args.seeds, "distill_alpha": 0.5,
-        "eval_tokens": specs[0].eval_blocks * specs[0].seq_len, "compared": field,
+        "eval_tokens": specs[0].eval_blocks * specs[0].seq_len, "variants": variants,
         "cloze": {"questions": task.num_questions, "choices": task.num_choices},
         "rows": rows, "summary": summary,
     })  # fmt: skip
+
+
+def variant_rows(rows: list[dict], fields: dict) -> list[dict]:
+    """The rows whose spec has `fields` (a field a row's spec lacks has its `Spec` default)."""
+    return [r for r in rows if all(getattr(Spec(**r["spec"]), k) == v for k, v in fields.items())]
 
 
 def main() -> None:

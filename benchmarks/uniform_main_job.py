@@ -13,4 +13,8 @@ from _main_job import compare
 
 
 if __name__ == "__main__":
-    compare("uniform_main_job", __doc__.split("\n")[0], "layout", ("adaptive", "uniform"))
+    compare(
+        "uniform_main_job",
+        __doc__.split("\n")[0],
+        {"adaptive": {"layout": "adaptive"}, "uniform": {"layout": "uniform"}},
+    )

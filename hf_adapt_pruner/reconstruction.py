@@ -15,9 +15,10 @@ the kept inputs allow, the kept inputs themselves are untouched (each head and c
 `GramStatistics` accumulates `H` for every consumer projection through forward pre-hooks, during the passes an event
 already runs (the calibration passes of `CalibrationScorer`, or the training steps of the callback's importance
 window), so reconstruction costs no extra forward pass. Memory: one float32 `(in, in)` symmetric matrix per consumer,
-stored as its upper triangle, i.e. `layers x (intermediate_size^2 + (heads * head_dim)^2) x 2` bytes (0.16 GB for
-SmolLM2-135M, 0.4 GB for a model of Llama-3.2-1B's shape), kept on the CPU unless `device` says otherwise; the device
-holds one layer's matrix at a time.
+stored as its lower triangle in blocks of rows (each block a rectangle up to its diagonal: a few per cent over the
+triangle), i.e. about `layers x (intermediate_size^2 + (heads * head_dim)^2) x 2` bytes (0.17 GB for SmolLM2-135M),
+kept on the CPU unless `device` says otherwise; the device holds one layer's matrix at a time. Each pass adds one
+matrix product per block (`X_rows^T X`), about half the multiply-adds of the whole `X^T X`, with no index gathering.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class GramStatistics:
 
     Use as a context manager around forward passes: the hooks exist only inside it. Set `token_mask` (B, T) before a
     forward to leave padding out. Statistics accumulate over every pass until the engine uses them; after physical
-    slicing `select_` keeps the rows and columns of the kept inputs.
+    slicing `select_` keeps the rows and columns of the kept inputs. `matrix(key)` gives the whole matrix.
 
     Across several processes (DDP, FSDP2) each rank sees its own tokens: `settle(sync)` sums what the ranks added since
     the last call, so every rank holds the same matrices and makes the identical refit.
@@ -58,7 +59,7 @@ class GramStatistics:
     def __init__(self, layers: Sequence[LayerModules], device: torch.device | str | None = "cpu"):
         self.layers = list(layers)
         self.device = device
-        self.grams: dict[tuple[int, int], torch.Tensor] = {}  # upper triangles, row by row (`matrix` unpacks)
+        self.grams: dict[tuple[int, int], list[torch.Tensor]] = {}  # row blocks of the lower triangle (`_row_blocks`)
         self.tokens = 0  # tokens whose inputs the matrices hold (every rank's, once settled)
         self.token_mask: torch.Tensor | None = None
         self._handles: list = []
@@ -69,15 +70,18 @@ class GramStatistics:
 
     def __enter__(self) -> GramStatistics:
         if self._world_size > 1 and self.grams:  # settle() will sum over ranks: keep 1/world of what they share
-            for gram in self.grams.values():
-                gram.div_(self._world_size)
+            for blocks in self.grams.values():
+                for block in blocks:
+                    block.div_(self._world_size)
         self._settled = False
         for lm in self.layers:
             for position, pruned in consumers(lm):
                 self._counted = self._counted or (lm.index, position)
                 if (lm.index, position) not in self.grams:  # allocated up front, not between a pass's activations
                     width, device = pruned.module.weight.shape[1], self.device or pruned.module.weight.device
-                    self.grams[(lm.index, position)] = torch.zeros(width * (width + 1) // 2, device=device)
+                    self.grams[(lm.index, position)] = [
+                        torch.zeros(end - start, end, device=device) for start, end in _row_blocks(width)
+                    ]
                 hook = self._make_hook((lm.index, position))
                 self._handles.append(pruned.module.register_forward_pre_hook(hook))
         return self
@@ -97,12 +101,15 @@ class GramStatistics:
                 if self.token_mask is not None and self.token_mask.shape == x.shape[:-1]:
                     x = x[self.token_mask.to(x.device) != 0]
                 x = x.reshape(-1, x.shape[-1]).float()
-                rows, cols = _triangle(x.shape[-1], x.device)
-                gram = (x.T @ x).view(-1).index_select(0, rows * x.shape[-1] + cols)  # the rest mirrors it
                 if key == self._counted:
                     self.tokens += x.shape[0]
-                total = self.grams[key]
-                total.add_(gram.to(total.device))
+                for block in self.grams[key]:  # rows [start, end) against the columns [0, end)
+                    end = block.shape[1]
+                    rows = x[:, end - block.shape[0] : end]
+                    if block.device == x.device:
+                        block.addmm_(rows.T, x[:, :end])
+                    else:
+                        block.add_((rows.T @ x[:, :end]).to(block.device))
 
         return hook
 
@@ -117,10 +124,10 @@ class GramStatistics:
         torch.distributed.all_reduce(fresh, group=sync.group)
         self.tokens = self._settled_tokens = self._settled_tokens + int(fresh)
         for key in sorted(self.grams):
-            gram = self.grams[key]
-            reduced = gram.to(sync.device)
-            torch.distributed.all_reduce(reduced, group=sync.group)  # gloo and nccl both sum
-            gram.copy_(reduced)
+            for block in self.grams[key]:
+                reduced = block.to(sync.device)
+                torch.distributed.all_reduce(reduced, group=sync.group)  # gloo and nccl both sum
+                block.copy_(reduced)
         self._world_size = sync.world_size
         self._settled = True
 
@@ -130,41 +137,30 @@ class GramStatistics:
             gram = self.matrix((layer, position))
             if gram is not None:
                 index = index.to(gram.device)
-                rows, cols = _triangle(len(index), gram.device)
-                self.grams[(layer, position)] = gram[index[rows], index[cols]]
+                gram = gram[index][:, index]
+                self.grams[(layer, position)] = [
+                    gram[start:end, :end].clone() for start, end in _row_blocks(len(index))
+                ]
 
     def matrix(self, key: tuple[int, int]) -> torch.Tensor | None:
         """The whole `(in, in)` matrix of consumer `key` (layer, position), or None if it has none."""
-        packed = self.grams.get(key)
-        if packed is None:
+        blocks = self.grams.get(key)
+        if blocks is None:
             return None
-        width = int(((8 * packed.numel() + 1) ** 0.5 - 1) / 2)
-        rows, cols = _triangle(width, packed.device)
-        full = torch.zeros(width, width, dtype=packed.dtype, device=packed.device)
-        full[rows, cols] = packed
-        full[cols, rows] = packed  # the lower triangle mirrors the upper one (the diagonal is written twice, equal)
-        return full
+        lower = torch.cat([torch.nn.functional.pad(b, (0, blocks[-1].shape[1] - b.shape[1])) for b in blocks])
+        lower = lower.tril()  # the diagonal blocks hold both triangles; the upper one is the mirror
+        return lower + lower.tril(-1).T
 
     def bytes(self) -> int:
-        return sum(g.numel() * g.element_size() for g in self.grams.values())
+        return sum(b.numel() * b.element_size() for blocks in self.grams.values() for b in blocks)
 
 
-_TRIANGLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (rows, cols) of the widest triangle yet
-
-
-def _triangle(width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols), int64: the upper triangle of a (width, width) matrix with its diagonal, column by column ((0, 0),
-    (0, 1), (1, 1), (0, 2), ...), the order of a packed Gram matrix. A narrower triangle's order is a prefix of a wider
-    one's, so one pair of index vectors per device (the widest seen, stored as int32) serves every width: the hooks
-    call this in every pass, for layers of different widths."""
-    count = width * (width + 1) // 2
-    rows, cols = _TRIANGLES.get(str(device), (None, None))
-    if rows is None or rows.numel() < count:
-        cols = torch.arange(width, device=device).repeat_interleave(torch.arange(1, width + 1, device=device))
-        rows = torch.arange(count, device=device) - cols * (cols + 1) // 2
-        rows, cols = rows.int(), cols.int()
-        _TRIANGLES[str(device)] = rows, cols
-    return rows[:count].long(), cols[:count].long()
+def _row_blocks(width: int) -> list[tuple[int, int]]:
+    """[start, end) of the row blocks a (width, width) Gram matrix is stored in: at most 32 blocks of at least 64 rows;
+    block `[start, end)` holds rows start..end-1 and columns 0..end-1, so the storage is the lower triangle plus half
+    of each diagonal block (4 % over the triangle for 1,536 inputs)."""
+    size = max(64, -(-width // 32))
+    return [(start, min(start + size, width)) for start in range(0, width, size)]
 
 
 def least_squares_correction(
