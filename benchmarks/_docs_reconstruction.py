@@ -8,7 +8,9 @@ from pathlib import Path
 from _docs_common import main_job_comparison, note, originals, plt, sources
 
 
-MODES = ("none", "least_squares")
+def variant(row: dict) -> str:
+    """`none`, or `least_squares, damping D`: what a one-shot row was pruned with."""
+    return "none" if row["mode"] == "none" else f"least_squares, damping {row['damping']:g}"
 
 
 def cell(rows: list[dict], key: str, form: str = "{:.2f}") -> str:
@@ -20,13 +22,13 @@ def cell(rows: list[dict], key: str, form: str = "{:.2f}") -> str:
     return form.format(statistics.mean(values)) + each
 
 
-def paired_change(rows: list[dict], key: str) -> list[float]:
-    """Per seed: % change of `key` with the refit against without, for rows of one keep ratio."""
+def paired_change(rows: list[dict], key: str, refit: str) -> list[float]:
+    """Per seed: % change of `key` with the refit `refit` (a variant) against none, for rows of one keep ratio."""
     by_seed = {}
     for row in rows:
-        if key in row:
-            by_seed.setdefault(row["seed"], {})[row["mode"]] = row[key]
-    return [100 * (pair["least_squares"] / pair["none"] - 1) for _, pair in sorted(by_seed.items()) if len(pair) == 2]
+        if key in row and variant(row) in ("none", refit):
+            by_seed.setdefault(row["seed"], {})[variant(row)] = row[key]
+    return [100 * (pair[refit] / pair["none"] - 1) for _, pair in sorted(by_seed.items()) if len(pair) == 2]
 
 
 def one_shot_rows(results: list[dict]) -> tuple[dict, list[dict]]:
@@ -38,40 +40,39 @@ def reconstruction_section(results: list[dict], docs: Path) -> list[str]:
     first, rows = one_shot_rows(results)
     names = sources(first)
     ratios = sorted({r["ratio"] for r in rows}, reverse=True)
+    variants = sorted({variant(r) for r in rows}, key=lambda v: (v != "none", v))
     notes = " ".join(dict.fromkeys(note(r) for r in results))
     lines = ["## One-shot with and without least-squares reconstruction", "",
-             "Each keep and seed pruned twice from the same "
-             "calibration sample, with `reconstruction=\"none\"` and `\"least_squares\"` (defaults otherwise, float32 "
-             f"scoring passes). Held-out perplexity on {first['eval_tokens']:,} tokens of each source: python3.11-doc "
-             f"files never calibrated on ({names[0]}) and git-doc ({names[1]}), original: {originals(first)}; mean "
-             "(each seed); change: the refit against "
-             "none, per seed. `peak`: resident memory during the prune above the memory before it, in model sizes "
-             f"(float32 weights: {first['model_bytes'] / 1e9:.2f} GB). {notes}",
+             "Each keep and seed pruned from the same calibration sample with `reconstruction=\"none\"` and with "
+             "`\"least_squares\"` at each `reconstruction_damping` (defaults otherwise, float32 scoring passes). "
+             f"Held-out perplexity on {first['eval_tokens']:,} tokens of each source: python3.11-doc files never "
+             f"calibrated on ({names[0]}) and git-doc ({names[1]}), original: {originals(first)}; mean (each seed); "
+             "change: the refit against none, per seed. `peak`: resident memory during the prune above the memory "
+             f"before it, in model sizes (float32 weights: {first['model_bytes'] / 1e9:.2f} GB). {notes}",
              "", "| keep | reconstruction | " + " | ".join(f"ppl {n}" for n in names) + " | prune s | peak |",
              "|---:|---|" + "---:|" * (len(names) + 2)]  # fmt: skip
     for ratio in ratios:
-        for mode in MODES:
-            group = [r for r in rows if r["ratio"] == ratio and r["mode"] == mode]
-            if group:
-                cells = [cell(group, f"ppl {n}") for n in names]
-                cost = [cell([r for r in group if "from" not in r], k, "{:.2f}" if "peak" in k else "{:.0f}")
-                        for k in ("prune_seconds", "peak_over_before_in_model_sizes")]  # fmt: skip
-                lines.append(f"| {ratio} | {mode} | {' | '.join([*cells, *cost])} |")
         group = [r for r in rows if r["ratio"] == ratio]
-        changes = [", ".join(f"{c:+.1f} %" for c in paired_change(group, f"ppl {n}")) or "—" for n in names]
-        lines.append(f"| {ratio} | change per seed | {' | '.join(changes)} | | |")
+        for name in variants:
+            chosen = [r for r in group if variant(r) == name]
+            if not chosen:
+                continue
+            cells = [cell(chosen, f"ppl {n}") for n in names]
+            cost = [cell([r for r in chosen if "from" not in r], k, "{:.2f}" if "peak" in k else "{:.0f}")
+                    for k in ("prune_seconds", "peak_over_before_in_model_sizes")]  # fmt: skip
+            lines.append(f"| {ratio} | {name} | {' | '.join([*cells, *cost])} |")
+            if name != "none":
+                changes = [", ".join(f"{c:+.1f} %" for c in paired_change(group, f"ppl {n}", name)) or "—"
+                           for n in names]  # fmt: skip
+                lines.append(f"| {ratio} | change per seed | {' | '.join(changes)} | | |")
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
     for ax, source in zip(axes, names):
-        for mode in MODES:
-            kept = [x for x in ratios if any(r["ratio"] == x and r["mode"] == mode for r in rows)]
-            kept = [
-                x for x in kept if any(f"ppl {source}" in r for r in rows if r["ratio"] == x and r["mode"] == mode)
-            ]
-            means = [statistics.mean(r[f"ppl {source}"] for r in rows
-                                     if r["ratio"] == x and r["mode"] == mode and f"ppl {source}" in r)
-                     for x in kept]  # fmt: skip
-            ax.plot(kept, means, marker="o", label=f"reconstruction={mode}")
-        ax.axhline(first["rows"][0][f"ppl {source}"], color="gray", linestyle="--", label="original")
+        key = f"ppl {source}"
+        for name in variants:
+            means = {x: [r[key] for r in rows if r["ratio"] == x and variant(r) == name and key in r] for x in ratios}
+            kept = [x for x in ratios if means[x]]
+            ax.plot(kept, [statistics.mean(means[x]) for x in kept], marker="o", label=name)
+        ax.axhline(first["rows"][0][key], color="gray", linestyle="--", label="original")
         ax.set(xlabel="fraction of parameters kept", ylabel="perplexity (log)", yscale="log", title=source)
         ax.invert_xaxis()
     axes[0].legend(fontsize=8)

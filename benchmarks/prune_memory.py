@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from _common import TEXT_DIR, load_model, parser, text_blocks, write
 
+from hf_adapt_pruner.reconstruction import gram_bytes
+
 
 # Shapes from the models' config.json files on the Hub (written here: nothing is downloaded).
 SHAPES = {
@@ -190,7 +192,7 @@ def projection(line: dict, dtype_bytes: int) -> list[dict]:
         prunable = layers * (2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim + 3 * hidden * inter)
         params = prunable + 2 * vocab * hidden  # untied embeddings and head, as these models have
         peak = line["bytes_per_param"] * params + line["bytes_per_token"] * 128
-        grams = layers * (inter * (inter + 1) + heads * head_dim * (heads * head_dim + 1)) * 2  # upper triangles, f32
+        grams = layers * (gram_bytes(inter) + gram_bytes(heads * head_dim))  # down_proj and o_proj inputs
         rows.append({"model": name, "params": params, "weight_bytes": params * dtype_bytes, "event_peak_bytes": peak,
                      "gradient_bytes": prunable * dtype_bytes, "gram_host_bytes": grams})  # fmt: skip
     return rows

@@ -1,13 +1,14 @@
 """Reconstruction: one-shot SmolLM2-135M with and without the least-squares refit, at several keep ratios.
 
 Each (keep, seed) is pruned twice from one calibration sample, with `reconstruction="none"` and with
-`"least_squares"` (everything else at its default, float32 scoring passes), so the pair differs only by the refit
-and by what the refit changes in later inner steps' scores. Held-out perplexity on files of the calibration source
-(python3.11-doc) and on English from another source (git-doc), prune time, and the peak resident memory during the
-prune above the resident memory before it (`/proc/self/status` sampled every 5 ms). Prints and writes JSON.
+`"least_squares"` at `--damping` (everything else at its default, float32 scoring passes), so the pair differs only
+by the refit and by what the refit changes in later inner steps' scores. Held-out perplexity on files of the
+calibration source (python3.11-doc) and on English from another source (git-doc), prune time, and the peak resident
+memory during the prune above the resident memory before it (`/proc/self/status` sampled every 5 ms). Prints and
+writes JSON.
 
     python benchmarks/reconstruction.py [--smoke] [--ratios 0.7 0.5 0.9 0.8 0.6] [--seeds 0 1] [--eval-blocks 128]
-        [--modes none least_squares] [--baseline one_shot_pairs.json] [--out FILE]
+        [--modes none least_squares] [--damping 0.1] [--baseline one_shot_pairs.json] [--out FILE]
 
 `--baseline` takes the `adaptive` rows of a one-shot quality result (the same defaults and calibration sample, so
 the same prune as `reconstruction="none"`, which did not exist then) as the `none` rows, where the held-out text of a
@@ -41,7 +42,7 @@ def main() -> None:
         "--damping",
         type=float,
         default=PrunerConfig.reconstruction_damping,
-        help="reconstruction_damping; another value than the default writes reconstruction_damping.json.",
+        help="reconstruction_damping of the least_squares rows (each row records its own).",
     )
     p.add_argument("--baseline", type=Path, help="A one_shot_quality JSON whose adaptive rows serve as the none rows.")
     args = p.parse_args()
@@ -72,7 +73,8 @@ def main() -> None:
                 with PeakRSS() as peak:
                     report = prune_model(pruned, config, calibration, progress=False)
                 seconds = time.perf_counter() - start
-                rows.append({"ratio": ratio, "mode": mode, "seed": seed, "damping": args.damping,
+                rows.append({"ratio": ratio, "mode": mode, "seed": seed,
+                             **({"damping": args.damping} if mode != "none" else {}),
                              "params": report.params_after,
                              "prune_seconds": round(seconds, 2),
                              "peak_over_before_in_model_sizes": round((peak.peak - before) / model_bytes, 3),
@@ -98,16 +100,16 @@ def baseline_rows(path: Path, original: dict) -> dict[tuple[float, int], dict]:
 def save(args, name: str, model_bytes: int, budget: dict, rows: list[dict], held_out: dict) -> None:
     summary = {}
     for row in rows[1:]:
-        entry = summary.setdefault(f"{row['ratio']}", {}).setdefault(row["mode"], {})
+        label = "none" if row["mode"] == "none" else f"least_squares, damping {row['damping']:g}"
+        entry = summary.setdefault(f"{row['ratio']}", {}).setdefault(label, {})
         for key in [f"ppl {source}" for source in held_out] + ["prune_seconds", "peak_over_before_in_model_sizes"]:
             if key in row:
                 entry.setdefault(key, []).append(row[key])
     summary = {r: {m: {k: statistics.mean(v) for k, v in e.items()} for m, e in modes.items()}
                for r, modes in summary.items()}  # fmt: skip
-    default = args.damping == PrunerConfig.reconstruction_damping
-    write("reconstruction" if default else "reconstruction_damping", args, {
+    write("reconstruction", args, {
         "model": name, "model_bytes": model_bytes, "threads": torch.get_num_threads(),
-        "defaults": PrunerConfig(target_ratio=0.7, reconstruction_damping=args.damping, **budget).to_dict(),
+        "defaults": PrunerConfig(target_ratio=0.7, **budget).to_dict(),
         "calibration": "256 x 128-token blocks from python3.11-doc (training files)",
         "eval_tokens": next(iter(held_out.values())).numel(), "rows": rows, "mean": summary,
     })  # fmt: skip

@@ -155,6 +155,11 @@ class GramStatistics:
         return sum(b.numel() * b.element_size() for blocks in self.grams.values() for b in blocks)
 
 
+def gram_bytes(width: int) -> int:
+    """Bytes of the statistics `GramStatistics` keeps for a consumer with `width` inputs (float32 row blocks)."""
+    return 4 * sum((end - start) * end for start, end in _row_blocks(width))
+
+
 def _row_blocks(width: int) -> list[tuple[int, int]]:
     """[start, end) of the row blocks a (width, width) Gram matrix is stored in: at most 32 blocks of at least 64 rows;
     block `[start, end)` holds rows start..end-1 and columns 0..end-1, so the storage is the lower triangle plus half
