@@ -47,24 +47,21 @@ def reconstruction_section(results: list[dict], docs: Path) -> list[str]:
              "`\"least_squares\"` at each `reconstruction_damping` (defaults otherwise, float32 scoring passes). "
              f"Held-out perplexity on {first['eval_tokens']:,} tokens of each source: python3.11-doc files never "
              f"calibrated on ({names[0]}) and git-doc ({names[1]}), original: {originals(first)}; mean (each seed); "
-             "change: the refit against none, per seed. `peak`: resident memory during the prune above the memory "
-             f"before it, in model sizes (float32 weights: {first['model_bytes'] / 1e9:.2f} GB). {notes}",
-             "", "| keep | reconstruction | " + " | ".join(f"ppl {n}" for n in names) + " | prune s | peak |",
-             "|---:|---|" + "---:|" * (len(names) + 2)]  # fmt: skip
+             "change: the refit against none, per seed. Time and memory: the next section and "
+             f"[Memory](guides/memory.md) (these rows shared the machine differently). {notes}",
+             "", "| keep | reconstruction | " + " | ".join(f"ppl {n}" for n in names) + " |",
+             "|---:|---|" + "---:|" * len(names)]  # fmt: skip
     for ratio in ratios:
         group = [r for r in rows if r["ratio"] == ratio]
         for name in variants:
             chosen = [r for r in group if variant(r) == name]
             if not chosen:
                 continue
-            cells = [cell(chosen, f"ppl {n}") for n in names]
-            cost = [cell([r for r in chosen if "from" not in r], k, "{:.2f}" if "peak" in k else "{:.0f}")
-                    for k in ("prune_seconds", "peak_over_before_in_model_sizes")]  # fmt: skip
-            lines.append(f"| {ratio} | {name} | {' | '.join([*cells, *cost])} |")
+            lines.append(f"| {ratio} | {name} | {' | '.join(cell(chosen, f'ppl {n}') for n in names)} |")
             if name != "none":
                 changes = [", ".join(f"{c:+.1f} %" for c in paired_change(group, f"ppl {n}", name)) or "—"
                            for n in names]  # fmt: skip
-                lines.append(f"| {ratio} | change per seed | {' | '.join(changes)} | | |")
+                lines.append(f"| {ratio} | change per seed | {' | '.join(changes)} |")
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
     for ax, source in zip(axes, names):
         key = f"ppl {source}"
