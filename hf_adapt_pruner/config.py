@@ -84,8 +84,9 @@ class PrunerConfig:
             inputs the event's passes saw, so their outputs stay as close to the unpruned ones as the kept inputs
             allow (`hf_adapt_pruner.reconstruction`); `none` leaves the surviving weights unchanged; `auto` refits in
             one-shot pruning and not in `AdaptPrunerCallback` events (where the refit measured worse).
-        reconstruction_damping (`float`, defaults to `0.01`): ridge damping of that refit, relative to the mean
-            diagonal of the inputs' Gram matrix.
+        reconstruction_damping (`float`, defaults to `0.1`): ridge damping of that refit, relative to the mean
+            diagonal of the inputs' Gram matrix; larger values shrink the refit toward none (the measured choice:
+            docs/guides/reconstruction.md).
         layout (`str`, defaults to `"adaptive"`): `adaptive` gives each layer its own widths (the paper); `uniform`
             keeps the same number of query heads, kv heads and MLP channels in every layer, picked from the scores
             summed over layers (`hf_adapt_pruner.uniform`), so `save_pruned` writes the stock architecture's config
@@ -248,7 +249,7 @@ class PrunerConfig:
         },
     )
     reconstruction_damping: float = field(
-        default=0.01,
+        default=0.1,
         metadata={"help": "Ridge damping of the least-squares refit, relative to the mean input energy (0: none)."},
     )
     layout: str = field(
@@ -288,7 +289,7 @@ class PrunerConfig:
             raise ValueError(f"max_layer_sparsity={self.max_layer_sparsity!r}: use a value in (0, 1), e.g. 0.99.")
         if not 0.0 <= self.reconstruction_damping <= 100.0:
             raise ValueError(
-                f"reconstruction_damping={self.reconstruction_damping!r}: use a value in [0, 100], e.g. 0.01 (larger "
+                f"reconstruction_damping={self.reconstruction_damping!r}: use a value in [0, 100], e.g. 0.1 (larger "
                 "values shrink the refit toward no correction; reconstruction='none' turns it off)."
             )
         if not 0.0 <= self.recovery_fraction < 1.0:
