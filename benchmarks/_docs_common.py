@@ -97,8 +97,8 @@ def main_job_comparison(result: dict, title: str, scores: str) -> list[str]:
              f"{original['cloze']['acc']:.3f}); mean (each seed). " + note(result), "",
              "| | ppl python3.11-doc | ppl git-doc | cloze |",
              "|---|---:|---:|---:|"]  # fmt: skip
-    for label, fields in result["variants"].items():
-        group = variant_rows(rows, fields)
+    for label in result["variants"]:
+        group = variant_rows(rows, result["variants"], label)
         cloze = [{"cloze": r["cloze"]["acc"]} for r in group]
         lines.append(f"| {label} | {seeds(group, 'ppl_in_domain')} | {seeds(group, 'ppl_other_source')} | "
                      f"{seeds(cloze, 'cloze')} |")  # fmt: skip

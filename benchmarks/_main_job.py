@@ -274,8 +274,8 @@ def compare(name: str, description: str, variants: dict[str, dict]) -> None:
               for seed in args.seeds for fields in variants.values()]  # fmt: skip
     rows, task = run_all(args, specs)
     summary = {}
-    for label, fields in variants.items():
-        chosen = variant_rows(rows[1:], fields)
+    for label in variants:
+        chosen = variant_rows(rows[1:], variants, label)
         summary[label] = {
             key: statistics.mean(r[key] for r in chosen)
             for key in ("ppl_in_domain", "ppl_other_source", "train_seconds", "rss_peak_train_bytes")
@@ -290,8 +290,11 @@ def compare(name: str, description: str, variants: dict[str, dict]) -> None:
     })  # fmt: skip
 
 
-def variant_rows(rows: list[dict], fields: dict) -> list[dict]:
-    """The rows whose spec has `fields` (a field a row's spec lacks has its `Spec` default)."""
+def variant_rows(rows: list[dict], variants: dict[str, dict], label: str) -> list[dict]:
+    """The rows of variant `label`: every field any variant sets has the value `label` gives it, or its `Spec`
+    default (a field a row's spec lacks has its default too)."""
+    default = Spec(method="0.5")
+    fields = {k: variants[label].get(k, getattr(default, k)) for v in variants.values() for k in v}
     return [r for r in rows if all(getattr(Spec(**r["spec"]), k) == v for k, v in fields.items())]
 
 
