@@ -137,7 +137,7 @@ class GramStatistics:
             gram = self.matrix((layer, position))
             if gram is not None:
                 index = index.to(gram.device)
-                gram = gram[index][:, index]
+                gram = gram[index[:, None], index]
                 self.grams[(layer, position)] = [
                     gram[start:end, :end].clone() for start, end in _row_blocks(len(index))
                 ]
@@ -147,9 +147,16 @@ class GramStatistics:
         blocks = self.grams.get(key)
         if blocks is None:
             return None
-        lower = torch.cat([torch.nn.functional.pad(b, (0, blocks[-1].shape[1] - b.shape[1])) for b in blocks])
-        lower = lower.tril()  # the diagonal blocks hold both triangles; the upper one is the mirror
-        return lower + lower.tril(-1).T
+        width = blocks[-1].shape[1]
+        full = blocks[0].new_empty(width, width)
+        for block in blocks:  # rows [start, end), columns [0, end); the rest of those columns is its mirror
+            end = block.shape[1]
+            start = end - block.shape[0]
+            full[start:end, :end] = block
+            full[:start, start:end] = block[:, :start].T
+            diagonal = full[start:end, start:end]  # exactly symmetric: its upper triangle from its lower one
+            diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
+        return full
 
     def bytes(self) -> int:
         return sum(b.numel() * b.element_size() for blocks in self.grams.values() for b in blocks)
