@@ -6,11 +6,7 @@ import statistics
 from pathlib import Path
 
 from _docs_common import main_job_comparison, note, originals, plt, sources
-
-
-def variant(row: dict) -> str:
-    """`none`, or `least_squares, damping D`: what a one-shot row was pruned with."""
-    return "none" if row["mode"] == "none" else f"least_squares, damping {row['damping']:g}"
+from reconstruction import variant
 
 
 def cell(rows: list[dict], key: str, form: str = "{:.2f}") -> str:

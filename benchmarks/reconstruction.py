@@ -86,6 +86,11 @@ def main() -> None:
     save(args, name, model_bytes, budget, rows, held_out)
 
 
+def variant(row: dict) -> str:
+    """`none`, or `least_squares, damping D`: what a row was pruned with."""
+    return "none" if row["mode"] == "none" else f"least_squares, damping {row['damping']:g}"
+
+
 def baseline_rows(path: Path, original: dict) -> dict[tuple[float, int], dict]:
     """(keep, seed) -> the `adaptive` row of a one-shot quality result as a `none` row, without the perplexity of any
     source whose held-out text scores the original differently now."""
@@ -100,8 +105,7 @@ def baseline_rows(path: Path, original: dict) -> dict[tuple[float, int], dict]:
 def save(args, name: str, model_bytes: int, budget: dict, rows: list[dict], held_out: dict) -> None:
     summary = {}
     for row in rows[1:]:
-        label = "none" if row["mode"] == "none" else f"least_squares, damping {row['damping']:g}"
-        entry = summary.setdefault(f"{row['ratio']}", {}).setdefault(label, {})
+        entry = summary.setdefault(f"{row['ratio']}", {}).setdefault(variant(row), {})
         for key in [f"ppl {source}" for source in held_out] + ["prune_seconds", "peak_over_before_in_model_sizes"]:
             if key in row:
                 entry.setdefault(key, []).append(row[key])
